@@ -1,0 +1,1 @@
+"""AnyDoor model core: networks, weights, sampler, pre/post-processing and pipeline."""

@@ -1,0 +1,1 @@
+"""AnyDoor Serve HTTP service."""

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REFERENCE = FIXTURES / "reference"
+CASES = ("case_a", "case_c")
+
+
+def rel_l2(actual: torch.Tensor | np.ndarray, expected: torch.Tensor | np.ndarray) -> float:
+    """Relative L2 error, the reference README's measure for tokens, eps, latents and decodes."""
+    a = torch.as_tensor(np.asarray(actual, dtype=np.float64) if isinstance(actual, np.ndarray) else actual.double())
+    e = torch.as_tensor(
+        np.asarray(expected, dtype=np.float64) if isinstance(expected, np.ndarray) else expected.double()
+    )
+    return float((a - e).norm() / e.norm())
+
+
+class Case:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.dir = REFERENCE / name
+        self.settings = json.loads((self.dir / "case.json").read_text())
+        self.expected = dict(np.load(self.dir / "expected.npz"))
+        self.weights = self.dir / "model.safetensors"
+        self.config_path = self.dir / "model.yaml"
+
+
+@pytest.fixture(scope="session", params=CASES)
+def case(request: pytest.FixtureRequest) -> Case:
+    return Case(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
