@@ -1,0 +1,109 @@
+"""The DDPM noise schedule and the DDIM sampler.
+
+DDIM follows Song et al., "Denoising Diffusion Implicit Models" (arXiv 2010.02502), eq. 12. The sampler is a plain
+function over a denoiser ``eps(x, t) -> noise``: it never knows which network (or guidance) it drives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from .config import ScheduleConfig
+from .errors import Cancelled
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# progress(step_index, total_steps, timestep); called after each step.
+ProgressFn = Callable[[int, int, int], None]
+
+
+def make_schedule(cfg: ScheduleConfig) -> dict[str, torch.Tensor]:
+    """The DDPM buffers stored in the checkpoint, computed in float64 and kept as float32 like upstream's."""
+    betas = np.linspace(cfg.linear_start**0.5, cfg.linear_end**0.5, cfg.timesteps, dtype=np.float64) ** 2
+    alphas = 1.0 - betas
+    ac = np.cumprod(alphas)
+    ac_prev = np.append(1.0, ac[:-1])
+    post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+    values = {
+        "betas": betas,
+        "alphas_cumprod": ac,
+        "alphas_cumprod_prev": ac_prev,
+        "sqrt_alphas_cumprod": np.sqrt(ac),
+        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
+        "log_one_minus_alphas_cumprod": np.log(1.0 - ac),
+        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ac),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1),
+        "posterior_variance": post_var,
+        "posterior_log_variance_clipped": np.log(np.maximum(post_var, 1e-20)),
+        "posterior_mean_coef1": betas * np.sqrt(ac_prev) / (1.0 - ac),
+        "posterior_mean_coef2": (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
+        "logvar": np.zeros(cfg.timesteps),
+    }
+    return {k: torch.tensor(v, dtype=torch.float32) for k, v in values.items()}
+
+
+def ddim_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """Exactly ``steps`` ascending timesteps, evenly spread over the training schedule.
+
+    Upstream uses ``range(0, T, T // steps) + 1``: right when ``steps`` divides T, but more steps than asked
+    otherwise, and past the end of the schedule for 3, 9, 27, 37 steps. ``floor(i * T / steps) + 1`` is the same
+    list where ``steps`` divides T and exactly ``steps`` distinct values in ``[1, T - 1]`` for any other count
+    below T. For ``steps == T`` every timestep ``0 .. T-1`` is used.
+    """
+    if not 1 <= steps <= num_train_timesteps:
+        raise ValueError(f"steps must be between 1 and {num_train_timesteps}, got {steps}")
+    offset = 0 if steps == num_train_timesteps else 1
+    return [i * num_train_timesteps // steps + offset for i in range(steps)]
+
+
+@torch.no_grad()
+def ddim_sample(
+    eps: EpsFn,
+    x_T: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    steps: int,
+    *,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    progress: ProgressFn | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    step_hook: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Run DDIM from ``x_T`` (B, C, h, w) down to a clean latent.
+
+    ``alphas_cumprod`` is the model's (T,) schedule buffer. ``generator`` drives the extra noise when eta > 0.
+    ``should_cancel`` is checked before every step and raises :class:`Cancelled`; ``step_hook(x, t)`` may
+    rewrite the latent after each step (used to re-impose known pixels).
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    ts = ddim_timesteps(steps, alphas_cumprod.shape[0])
+    ac = alphas_cumprod.detach().to(device=x_T.device, dtype=torch.float32)
+    a = ac[ts]  # (S,)
+    # Upstream's "previous" alpha of the first DDIM step is alphas_cumprod[0], not 1.
+    a_prev = torch.cat([ac[:1], ac[ts[:-1]]])
+    sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+
+    x = x_T.float()
+    batch = x.shape[0]
+    for n, i in enumerate(reversed(range(steps))):
+        if should_cancel is not None and should_cancel():
+            raise Cancelled(f"cancelled before step {n + 1} of {steps}")
+        t = torch.full((batch,), ts[i], device=x.device, dtype=torch.long)
+        e = eps(x, t).float()
+        # 1. predicted x_0 (eq. 12, "predicted x0" term)
+        pred_x0 = (x - (1 - a[i]).sqrt() * e) / a[i].sqrt()
+        # 2. direction pointing to x_t (eq. 12, middle term)
+        dir_xt = (1 - a_prev[i] - sigma[i] ** 2).sqrt() * e
+        # 3. x_{t-1}, plus fresh noise when eta > 0 (eq. 12, last term)
+        x = a_prev[i].sqrt() * pred_x0 + dir_xt
+        if eta > 0:
+            noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
+            x = x + sigma[i] * noise.to(x.device)
+        if step_hook is not None:
+            x = step_hook(x, ts[i])
+        if progress is not None:
+            progress(n + 1, steps, ts[i])
+    return x
