@@ -1,0 +1,120 @@
+"""Multi-region targets: split a mask into separate regions, or build region masks from ROI boxes.
+
+Inserting one object across a large mask that covers several places distorts the background; instead each
+connected region (or each box) becomes its own target, processed one after the other.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+from model.errors import InputError
+
+DEFAULT_MIN_REGION_AREA = 64
+"""Connected components smaller than this many pixels (an 8x8 patch) are dropped as specks: stray brush dots or
+compression noise, too small to hold a generated object."""
+MIN_BOX_SIDE = 4
+"""Boxes thinner than this in either direction are rejected: there is no room for an object."""
+
+Box = tuple[int, int, int, int]
+_INT = re.compile(r"[+-]?\d+")
+
+
+def split_mask(
+    mask: np.ndarray, *, min_area: int = DEFAULT_MIN_REGION_AREA, field: str = "background_mask"
+) -> list[np.ndarray]:
+    """Split ``mask`` into its 8-connected regions of at least ``min_area`` pixels, each as an (H, W) bool mask.
+
+    Regions are ordered top to bottom by their bounding box's top row, then left to right by its left column,
+    so the order is stable for a given mask. Raises :class:`InputError` naming ``field`` if the mask is empty
+    (``empty_mask``) or every region is smaller than ``min_area`` (``mask_too_small``).
+    """
+    if not isinstance(mask, np.ndarray) or mask.ndim != 2:
+        raise InputError(field, "expected an (H, W) mask", code="invalid_mask")
+    if min_area < 1:
+        raise ValueError(f"min_area must be at least 1, got {min_area}")
+    binary = (mask != 0).astype(np.uint8)
+    if not binary.any():
+        raise InputError(field, "the mask is empty", code="empty_mask")
+
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    kept = [label for label in range(1, count) if stats[label, cv2.CC_STAT_AREA] >= min_area]
+    if not kept:
+        largest = int(stats[1:, cv2.CC_STAT_AREA].max())
+        raise InputError(
+            field,
+            f"every region is smaller than {min_area} pixels (the largest has {largest})",
+            code="mask_too_small",
+        )
+    kept.sort(key=lambda label: (stats[label, cv2.CC_STAT_TOP], stats[label, cv2.CC_STAT_LEFT], label))
+    return [labels == label for label in kept]
+
+
+def parse_box(text: str) -> Box:
+    """Parse ``"x,y,w,h"`` (integers, optional spaces) into a tuple; :class:`InputError` on field ``box`` otherwise.
+
+    Only the syntax and signs are checked here; :func:`boxes_to_masks` checks the box against the image.
+    """
+    parts = [part.strip() for part in str(text).split(",")]
+    if len(parts) != 4 or not all(_INT.fullmatch(part) for part in parts):
+        raise InputError("box", f"expected 'x,y,w,h' with four integers, got {text!r}", code="invalid_box")
+    x, y, w, h = (int(part) for part in parts)
+    if x < 0 or y < 0:
+        raise InputError("box", f"x and y must not be negative, got {text!r}", code="invalid_box")
+    if w <= 0 or h <= 0:
+        raise InputError("box", f"width and height must be positive, got {text!r}", code="invalid_box")
+    return x, y, w, h
+
+
+def parse_boxes(text: str) -> list[Box]:
+    """Parse one or more boxes separated by ``;`` (``"x,y,w,h;x,y,w,h"``)."""
+    items = [item for item in str(text).split(";") if item.strip()]
+    if not items:
+        raise InputError("box", "no box given", code="invalid_box")
+    return [parse_box(item) for item in items]
+
+
+def _check_box(index: int, box: object, height: int, width: int) -> Box:
+    label = f"box {index}"
+    if isinstance(box, (str, bytes)) or not isinstance(box, Sequence) or len(box) != 4:
+        raise InputError("box", f"{label} must be four integers (x, y, w, h), got {box!r}", code="invalid_box")
+    values: list[int] = []
+    for value in box:
+        # bool is an int subclass and a float like 1.5 would silently truncate: accept only true integers.
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise InputError("box", f"{label} must be four integers (x, y, w, h), got {box!r}", code="invalid_box")
+        values.append(int(value))
+    x, y, w, h = values
+    if w < MIN_BOX_SIDE or h < MIN_BOX_SIDE:
+        raise InputError(
+            "box", f"{label} is {w}x{h}; both sides must be at least {MIN_BOX_SIDE} pixels", code="invalid_box"
+        )
+    if x < 0 or y < 0 or x + w > width or y + h > height:
+        raise InputError(
+            "box",
+            f"{label} (x={x}, y={y}, w={w}, h={h}) is not inside the {width}x{height} image",
+            code="box_out_of_image",
+        )
+    return x, y, w, h
+
+
+def boxes_to_masks(boxes: Sequence[Box], size: tuple[int, int]) -> list[np.ndarray]:
+    """One (H, W) bool mask per ``(x, y, w, h)`` box, for an image of ``size`` = ``(height, width)``.
+
+    Every box must lie fully inside the image and be at least ``MIN_BOX_SIDE`` pixels on each side; otherwise
+    :class:`InputError` on field ``box`` (``invalid_box`` or ``box_out_of_image``).
+    """
+    height, width = (int(v) for v in size)
+    if not boxes:
+        raise InputError("box", "no box given", code="invalid_box")
+    masks = []
+    for index, box in enumerate(boxes):
+        x, y, w, h = _check_box(index, box, height, width)
+        mask = np.zeros((height, width), dtype=bool)
+        mask[y : y + h, x : x + w] = True
+        masks.append(mask)
+    return masks

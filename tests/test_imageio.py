@@ -1,0 +1,368 @@
+"""Image and mask decoding: formats, modes, orientation, and every bad-input rejection with its code and field."""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from model.errors import InputError
+from model.imageio import DEFAULT_MAX_PIXELS, load_image, load_mask, load_reference, mask_from_arrays
+
+RNG = np.random.default_rng(0)
+RGB = RNG.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+YY, XX = np.mgrid[:30, :40]
+DISC = (YY - 15) ** 2 + (XX - 20) ** 2 <= 10**2  # 317 pixels
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header announces ``width`` x ``height`` but that carries no pixel data at all."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def rejected(call, *args, **kwargs) -> InputError:
+    with pytest.raises(InputError) as excinfo:
+        call(*args, **kwargs)
+    assert excinfo.value.status == 422
+    return excinfo.value
+
+
+# ---------------------------------------------------------------------------------------------------- images
+
+
+@pytest.mark.parametrize("fmt, lossless", [("PNG", True), ("WEBP", True), ("JPEG", False)])
+def test_formats_decode_to_rgb_uint8(fmt: str, lossless: bool) -> None:
+    options = {"lossless": True} if fmt == "WEBP" else {}
+    image = load_image(encode(Image.fromarray(RGB), fmt, **options), field="background")
+    assert image.shape == (30, 40, 3) and image.dtype == np.uint8
+    if lossless:
+        np.testing.assert_array_equal(image, RGB)
+
+
+def test_paths_pil_images_and_arrays_are_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "image.png"
+    path.write_bytes(encode(Image.fromarray(RGB)))
+    for source in (path, str(path), Image.open(path), RGB, bytearray(path.read_bytes())):
+        np.testing.assert_array_equal(load_image(source, field="background"), RGB)
+
+
+def test_missing_file_is_rejected(tmp_path: Path) -> None:
+    error = rejected(load_image, tmp_path / "nope.png", field="background")
+    assert (error.field, error.code) == ("background", "unreadable_file")
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_exif_orientation_is_applied(fmt: str) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored image must be rotated 90 degrees clockwise for display
+    data = encode(Image.fromarray(RGB), fmt, exif=exif.tobytes())
+    image = load_image(data, field="background")
+    assert image.shape == (40, 30, 3)
+    if fmt == "PNG":
+        np.testing.assert_array_equal(image, np.rot90(RGB, k=-1))
+
+
+def test_exif_orientation_applies_to_masks_too() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    data = encode(Image.fromarray(DISC.astype(np.uint8) * 255), "PNG", exif=exif.tobytes())
+    np.testing.assert_array_equal(load_mask(data, field="background_mask", size=(40, 30)), np.rot90(DISC))
+
+
+def test_palette_image() -> None:
+    palette = Image.fromarray(RGB).quantize(16)
+    image = load_image(encode(palette), field="background")
+    np.testing.assert_array_equal(image, np.asarray(palette.convert("RGB")))
+
+
+def test_greyscale_l_and_la() -> None:
+    grey = RGB[..., 0]
+    image = load_image(encode(Image.fromarray(grey, "L")), field="background")
+    np.testing.assert_array_equal(image, np.repeat(grey[..., None], 3, axis=2))
+    la = Image.fromarray(np.stack([grey, DISC.astype(np.uint8) * 255], -1), "LA")
+    np.testing.assert_array_equal(load_image(encode(la), field="background"), image)
+
+
+def test_sixteen_bit_greyscale_is_scaled() -> None:
+    values = (np.arange(30 * 40).reshape(30, 40) * 54).astype(np.uint16)  # up to 64746
+    data = encode(Image.fromarray(values))
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    image = load_image(data, field="background")
+    np.testing.assert_array_equal(image[..., 0], np.rint(values / 257).astype(np.uint8))
+    assert image[..., 0].max() == 252
+
+
+def test_thirty_two_bit_integer_image() -> None:
+    values = (np.arange(30 * 40).reshape(30, 40) * 54).astype(np.int32)
+    data = encode(Image.fromarray(values), "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == "I"
+    np.testing.assert_array_equal(load_image(data, field="background")[..., 1], np.rint(values / 257))
+
+
+def test_cmyk_image() -> None:
+    cmyk = Image.fromarray(RGB).convert("CMYK")
+    image = load_image(encode(cmyk, "JPEG", quality=100), field="background")
+    assert image.shape == (30, 40, 3)
+    assert np.abs(image.astype(int) - RGB).mean() < 8  # a JPEG round trip of the same colours
+
+
+@pytest.mark.parametrize("mode", ["LAB", "HSV", "YCbCr", "RGBX", "La", "RGBa", "PA", "I;16B", "F", "1"])
+def test_other_pillow_modes(mode: str) -> None:
+    image = load_image(Image.new(mode, (5, 4)), field="background")
+    assert image.shape == (4, 5, 3) and image.dtype == np.uint8
+
+
+def test_alpha_is_dropped_without_compositing() -> None:
+    rgba = np.dstack([RGB, np.zeros((30, 40), np.uint8)])
+    np.testing.assert_array_equal(load_image(encode(Image.fromarray(rgba, "RGBA")), field="background"), RGB)
+
+
+@pytest.mark.parametrize("data", [b"", b"hello world", b"\x00" * 100, b"<svg xmlns='http://www.w3.org/2000/svg'/>"])
+def test_not_an_image(data: bytes) -> None:
+    error = rejected(load_image, data, field="background")
+    assert (error.field, error.code) == ("background", "not_an_image")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_truncated_image(fmt: str) -> None:
+    data = encode(Image.fromarray(RGB), fmt)
+    error = rejected(load_image, data[: len(data) // 2], field="reference")
+    assert (error.field, error.code) == ("reference", "truncated_image")
+
+
+def test_truncated_image_even_if_pillow_was_told_to_accept_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    data = encode(Image.fromarray(RGB), "JPEG")
+    error = rejected(load_image, data[: len(data) // 2], field="background")
+    assert error.code == "truncated_image"
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_corrupt_png_data_is_rejected() -> None:
+    data = bytearray(encode(Image.fromarray(RGB)))
+    start = data.index(b"IDAT") + 20
+    data[start : start + 40] = bytes(40)
+    assert rejected(load_image, bytes(data), field="background").code == "truncated_image"
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow warns; our limit decides
+@pytest.mark.parametrize("width, height", [(9_000, 9_000), (12_000, 10_000)])  # below / above Pillow's warning
+def test_too_many_pixels_is_checked_before_decoding(width: int, height: int) -> None:
+    # The file has no pixel data: decoding it would report a truncated image, so this proves the order.
+    error = rejected(load_image, png_header_only(width, height), field="background")
+    assert (error.field, error.code) == ("background", "too_many_pixels")
+    assert f"{width}x{height}" in error.message
+
+
+def test_header_beyond_pillows_bomb_limit() -> None:
+    error = rejected(load_image, png_header_only(20_000, 20_000), field="background", max_pixels=10**10)
+    assert (error.field, error.code) == ("background", "too_many_pixels")
+
+
+def test_max_pixels_is_configurable() -> None:
+    data = encode(Image.fromarray(RGB))
+    assert rejected(load_image, data, field="background", max_pixels=30 * 40 - 1).code == "too_many_pixels"
+    assert load_image(data, field="background", max_pixels=30 * 40).shape == (30, 40, 3)
+    assert rejected(load_image, RGB, field="background", max_pixels=100).code == "too_many_pixels"
+    assert DEFAULT_MAX_PIXELS >= 48_000_000
+
+
+def test_pillow_decompression_bomb_error_is_mapped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow errors above twice this
+    data = encode(Image.fromarray(RGB))
+    error = rejected(load_image, data, field="reference", max_pixels=10**9)
+    assert (error.field, error.code) == ("reference", "too_many_pixels")
+
+
+def test_pillow_decompression_bomb_warning_as_error_is_mapped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1200 pixels: above Pillow's warning, below its error
+    data = encode(Image.fromarray(RGB))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        error = rejected(load_image, data, field="background", max_pixels=10**9)
+    assert (error.field, error.code) == ("background", "too_many_pixels")
+    with pytest.warns(Image.DecompressionBombWarning):  # a plain warning: our own limit decides
+        assert load_image(data, field="background", max_pixels=10**9).shape == (30, 40, 3)
+
+
+def test_bad_arrays_are_rejected() -> None:
+    assert rejected(load_image, np.zeros((4, 4, 2), np.uint8), field="x").code == "not_an_image"
+    assert rejected(load_image, np.full((4, 4, 3), 2.0), field="x").code == "not_an_image"
+    assert rejected(load_image, np.zeros((0, 4, 3), np.uint8), field="x").code == "not_an_image"
+    assert rejected(load_image, [[1, 2]], field="x").code == "not_an_image"
+
+
+# ----------------------------------------------------------------------------------------------------- masks
+
+
+def test_l_mask_threshold_is_above_128() -> None:
+    values = np.array([[0, 128, 129, 255]], np.uint8)
+    mask = load_mask(encode(Image.fromarray(values, "L")), field="background_mask", size=(1, 4))
+    assert mask.tolist() == [[False, False, True, True]]
+
+
+def test_one_bit_mask() -> None:
+    data = encode(Image.fromarray(DISC).convert("1"))
+    assert Image.open(io.BytesIO(data)).mode == "1"
+    np.testing.assert_array_equal(load_mask(data, field="background_mask", size=(30, 40)), DISC)
+
+
+def test_rgb_mask_uses_any_channel() -> None:
+    red = np.zeros((30, 40, 3), np.uint8)
+    red[DISC] = (255, 0, 0)  # luminance 76: a luminance rule would see nothing
+    np.testing.assert_array_equal(load_mask(encode(Image.fromarray(red)), field="m", size=(30, 40)), DISC)
+    white = np.repeat(DISC[..., None].astype(np.uint8) * 255, 3, axis=2)
+    np.testing.assert_array_equal(load_mask(encode(Image.fromarray(white), "JPEG"), field="m", size=None), DISC)
+
+
+def test_rgba_mask_uses_alpha_when_it_is_not_opaque() -> None:
+    rgba = np.zeros((30, 40, 4), np.uint8)
+    rgba[..., 3] = DISC * 255  # a black stroke on a transparent layer
+    np.testing.assert_array_equal(load_mask(encode(Image.fromarray(rgba, "RGBA")), field="m", size=None), DISC)
+
+
+def test_opaque_rgba_mask_uses_colour() -> None:
+    rgba = np.full((30, 40, 4), 255, np.uint8)
+    rgba[..., :3] = DISC[..., None] * 255
+    np.testing.assert_array_equal(load_mask(encode(Image.fromarray(rgba, "RGBA")), field="m", size=None), DISC)
+
+
+def test_palette_mask() -> None:
+    palette = Image.fromarray(DISC.astype(np.uint8) * 255, "L").convert("P")
+    assert palette.mode == "P"
+    np.testing.assert_array_equal(load_mask(encode(palette), field="m", size=(30, 40)), DISC)
+
+
+def test_sixteen_bit_mask() -> None:
+    data = encode(Image.fromarray(DISC.astype(np.uint16) * 65535))
+    np.testing.assert_array_equal(load_mask(data, field="m", size=(30, 40)), DISC)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [DISC, DISC.astype(np.uint8), DISC.astype(np.int64), DISC.astype(np.uint8) * 255, DISC.astype(np.float32)],
+    ids=["bool", "uint8_01", "int64_01", "uint8_255", "float01"],
+)
+def test_mask_arrays(array: np.ndarray) -> None:
+    np.testing.assert_array_equal(load_mask(array, field="m", size=(30, 40)), DISC)
+
+
+def test_mask_size_mismatch_names_the_field_and_both_sizes() -> None:
+    data = encode(Image.fromarray(DISC[:, :35]))
+    error = rejected(load_mask, data, field="background_mask", size=(30, 40))
+    assert (error.field, error.code) == ("background_mask", "size_mismatch")
+    assert "35x30" in error.message and "40x30" in error.message
+
+
+def test_empty_mask() -> None:
+    error = rejected(load_mask, encode(Image.new("L", (40, 30))), field="background_mask", size=(30, 40))
+    assert (error.field, error.code) == ("background_mask", "empty_mask")
+
+
+def test_mask_not_an_image() -> None:
+    error = rejected(load_mask, b"GIF89a nonsense", field="reference_mask", size=None)
+    assert (error.field, error.code) == ("reference_mask", "not_an_image")
+
+
+def test_mask_from_arrays_rule() -> None:
+    color = np.array([[0, 200]], np.uint8)
+    assert mask_from_arrays(color, None).tolist() == [[False, True]]
+    assert mask_from_arrays(color, np.array([[255, 255]], np.uint8)).tolist() == [[False, True]]
+    assert mask_from_arrays(color, np.array([[255, 0]], np.uint8)).tolist() == [[True, False]]
+
+
+# ------------------------------------------------------------------------------------------------- reference
+
+
+def rgba_bytes(alpha: np.ndarray) -> bytes:
+    return encode(Image.fromarray(np.dstack([RGB, alpha.astype(np.uint8)]), "RGBA"))
+
+
+def test_reference_alpha_is_the_mask() -> None:
+    alpha = np.where(DISC, 200, 100)
+    rgb, mask = load_reference(rgba_bytes(alpha))
+    np.testing.assert_array_equal(rgb, RGB)
+    np.testing.assert_array_equal(mask, DISC)
+
+
+def test_reference_case_files_match_the_readme_reading(case) -> None:
+    rgb, mask = load_reference(case.dir / "reference.png")
+    rgba = np.asarray(Image.open(case.dir / "reference.png").convert("RGBA"))
+    np.testing.assert_array_equal(rgb, rgba[..., :3])
+    np.testing.assert_array_equal(mask, rgba[..., 3] > 128)
+    background = load_image(case.dir / "background.png", field="background")
+    target = load_mask(case.dir / "background_mask.png", field="background_mask", size=background.shape[:2])
+    np.testing.assert_array_equal(target, np.asarray(Image.open(case.dir / "background_mask.png")) > 128)
+
+
+def test_reference_palette_transparency_is_the_mask() -> None:
+    palette = Image.fromarray(np.where(DISC[..., None], RGB, 0).astype(np.uint8)).quantize(32)
+    index = np.asarray(palette)
+    transparent = int(index[0, 0])  # the colour of the (black) outside
+    _, mask = load_reference(encode(palette, transparency=transparent))
+    np.testing.assert_array_equal(mask, index != transparent)
+
+
+def test_reference_with_explicit_mask() -> None:
+    rgb, mask = load_reference(encode(Image.fromarray(RGB)), encode(Image.fromarray(DISC)))
+    np.testing.assert_array_equal(rgb, RGB)
+    np.testing.assert_array_equal(mask, DISC)
+
+
+def test_explicit_mask_overrides_alpha() -> None:
+    _, mask = load_reference(rgba_bytes(np.full((30, 40), 255)), DISC)
+    np.testing.assert_array_equal(mask, DISC)
+
+
+def test_reference_with_no_object_in_alpha() -> None:
+    error = rejected(load_reference, rgba_bytes(np.zeros((30, 40))))
+    assert (error.field, error.code) == ("reference", "empty_mask")
+
+
+def test_reference_with_no_object_in_mask() -> None:
+    error = rejected(load_reference, encode(Image.fromarray(RGB)), np.zeros((30, 40), bool))
+    assert (error.field, error.code) == ("reference_mask", "empty_mask")
+
+
+def test_reference_without_alpha_or_mask() -> None:
+    error = rejected(load_reference, encode(Image.fromarray(RGB)))
+    assert (error.field, error.code) == ("reference_mask", "missing_mask")
+
+
+def test_reference_mask_size_mismatch() -> None:
+    error = rejected(load_reference, encode(Image.fromarray(RGB)), encode(Image.fromarray(DISC[:20])))
+    assert (error.field, error.code) == ("reference_mask", "size_mismatch")
+    assert "40x20" in error.message and "40x30" in error.message
+
+
+@pytest.mark.parametrize("pixels", [1, 2, 3])
+def test_tiny_reference_object_is_rejected(pixels: int) -> None:
+    alpha = np.zeros((30, 40))
+    alpha[10, 10 : 10 + pixels] = 255
+    error = rejected(load_reference, rgba_bytes(alpha))
+    assert (error.field, error.code) == ("reference", "mask_too_small")
+    tiny = alpha > 0
+    error = rejected(load_reference, encode(Image.fromarray(RGB)), tiny)
+    assert (error.field, error.code) == ("reference_mask", "mask_too_small")
+
+
+def test_reference_decoding_errors_name_the_reference() -> None:
+    assert rejected(load_reference, b"not an image").field == "reference"
+    assert rejected(load_reference, png_header_only(9_000, 9_000), max_pixels=1000).code == "too_many_pixels"
