@@ -315,7 +315,7 @@ def load_config(path: str | Path) -> AnyDoorConfig:
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
     try:
-        return config_from_dict(raw)
+        return config_from_dict({str(k): v for k, v in raw.items()})
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: {exc}") from exc
 

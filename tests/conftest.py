@@ -1,5 +1,11 @@
 from __future__ import annotations
 
+import os
+
+# Before torch loads its OpenMP runtime: threads that wait passively instead of spinning. On a small shared CPU
+# (CI has 2 cores) spinning workers of the test process and of the servers it starts starve each other (~5x).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import json
 from pathlib import Path
 

@@ -1,0 +1,125 @@
+"""``anydoor serve`` (and ``python -m service``): run the HTTP service under uvicorn.
+
+Every flag is generated from :class:`service.config.Settings`, whose fields also name the environment variable
+each flag overrides; ``--help`` shows both. Secrets (the API key) are read from the environment only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import MISSING, fields
+from typing import Any
+
+from .config import Settings, SettingsError
+
+DESCRIPTION = (
+    "Serve AnyDoor over HTTP: POST /predict, health checks and Prometheus metrics. The model is loaded once and "
+    "warmed up before /health/ready turns 200. Settings come from these flags, else the environment variable "
+    "named with each, else the default."
+)
+
+
+def _arg_type(parse: Callable[[str], Any], name: str) -> Callable[[str], Any]:
+    def convert(raw: str) -> Any:
+        try:
+            return parse(raw)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"cannot read {raw!r}: {exc}") from None
+
+    convert.__name__ = name
+    return convert
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting that has one; each defaults to None so that the environment applies."""
+    env_only = []
+    for f in fields(Settings):
+        meta = f.metadata
+        default = "none" if f.default is MISSING or f.default is None else f.default
+        if isinstance(default, bool):
+            default = "off"
+        help_text = f"{meta['help']} [env {meta['env']}, default: {default}]".replace("%", "%%")
+        if meta["flag"] is None:
+            env_only.append(f"  {meta['env']}: {meta['help']}")
+            continue
+        if isinstance(f.default, bool):
+            parser.add_argument(meta["flag"], dest=f.name, action="store_true", default=None, help=help_text)
+        else:
+            parser.add_argument(meta["flag"], dest=f.name, type=_arg_type(meta["parse"], f.name), default=None,
+                                choices=meta["choices"], metavar=None if meta["choices"] else meta["metavar"],
+                                help=help_text)
+    parser.epilog = "settings read from the environment only:\n" + "\n".join(env_only)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("serve", help="run the HTTP service (POST /predict, health, metrics)",
+                                   description=DESCRIPTION)
+    add_arguments(parser)
+    parser.set_defaults(func=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
+    try:
+        settings = Settings.from_env(**overrides)
+    except SettingsError as exc:
+        print(f"anydoor serve: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import uvicorn
+
+    from .app import create_app
+
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, server_header=False,
+        # A backstop only: the worker cancels running work at the end of the grace period by itself; the margin
+        # covers the denoising step under way then.
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_delay_s + settings.shutdown_grace_s + 15),
+    )
+    server = uvicorn.Server(config)
+    with _sigterm_exits_cleanly(server):
+        server.run()
+    return 0 if server.started else 3
+
+
+@contextlib.contextmanager
+def _sigterm_exits_cleanly(server: Any) -> Iterator[None]:
+    """Make a graceful shutdown on SIGTERM end with exit status 0.
+
+    After its graceful shutdown uvicorn re-raises the signal that stopped it under the handler that was there
+    before its own, so that the default action follows: death by SIGTERM, status 143. Process managers expect 0
+    from a clean shutdown, so the handler underneath uvicorn's only asks the server to exit (which also covers a
+    SIGTERM arriving before uvicorn has installed its handlers).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request_exit(sig: int, frame: Any) -> None:
+        server.should_exit = True
+
+    previous = signal.signal(signal.SIGTERM, request_exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service", description=DESCRIPTION)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return serve(args)
+    except KeyboardInterrupt:
+        return 130

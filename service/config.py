@@ -1,0 +1,242 @@
+"""Service settings: read once from the environment (or ``anydoor serve`` flags), validated, documented here.
+
+Every setting is a field of :class:`Settings` whose metadata names its environment variable, its command-line
+flag and its help text. ``service/cli.py`` builds the flags from that metadata and :func:`settings_table` renders
+the README table (``python -m service.config`` prints it), so code, ``--help`` and documentation cannot drift.
+Precedence: command-line flag, then environment variable, then the default.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+DTYPES = ("auto", "fp16", "bf16", "fp32")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+MIB = 1024 * 1024
+
+
+class SettingsError(ValueError):
+    """A setting with an unusable value; the message names the environment variable and the value."""
+
+
+# --- parsers: text from the environment -> typed value ------------------------------------------------------
+
+
+def _text(raw: str) -> str | None:
+    value = raw.strip()
+    return value or None
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"expected one of {sorted(_TRUE | _FALSE - {''})}, got {raw!r}")
+
+
+def _int(raw: str) -> int:
+    return int(raw.strip().replace("_", ""))
+
+
+def _float(raw: str) -> float:
+    value = float(raw.strip())
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {raw!r}")
+    return value
+
+
+def _setting(
+    default: Any,
+    env: str,
+    help: str,
+    parse: Callable[[str], Any],
+    *,
+    flag: str | None = None,
+    metavar: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    secret: bool = False,
+) -> Any:
+    """A :class:`Settings` field. ``flag=None`` keeps a setting out of the command line (secrets)."""
+    return field(
+        default=default,
+        metadata={"env": env, "help": help, "parse": parse, "flag": flag, "metavar": metavar, "choices": choices,
+                  "secret": secret},
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service can be told. Build with :meth:`from_env`; invalid values raise SettingsError."""
+
+    weights: str | None = _setting(
+        None, "ANYDOOR_WEIGHTS", "Weights to serve: a .safetensors or .ckpt file, or an http(s) URL downloaded "
+        "once into the cache. Required unless demo mode is on.", _text, flag="--weights", metavar="PATH|URL")
+    weights_sha256: str | None = _setting(
+        None, "ANYDOOR_WEIGHTS_SHA256", "Expected SHA-256 of the weights file; checked after download (and for a "
+        "local file when given).", _text, flag="--weights-sha256", metavar="HEX")
+    cache_dir: str | None = _setting(
+        None, "ANYDOOR_CACHE_DIR", "Download cache for URL weights (default: $XDG_CACHE_HOME/anydoor or "
+        "~/.cache/anydoor).", _text, flag="--cache-dir", metavar="DIR")
+    config: str | None = _setting(
+        None, "ANYDOOR_CONFIG", "Model config: an upstream-layout YAML (default: the released AnyDoor model).",
+        _text, flag="--config", metavar="YAML")
+    demo: bool = _setting(
+        False, "ANYDOOR_DEMO", "Demo mode: serve a tiny model with fixed random weights instead of real weights, so "
+        "the whole HTTP path can be tried on any machine. Its pictures are noise; every response says so "
+        "(`X-AnyDoor-Demo: true`, `\"demo\": true`, a PNG text chunk).", _bool, flag="--demo")
+    device: str = _setting(
+        "auto", "ANYDOOR_DEVICE", "Torch device: auto (CUDA when available, else CPU), cpu, cuda, cuda:N.",
+        str.strip, flag="--device", metavar="DEVICE")
+    dtype: str = _setting(
+        "auto", "ANYDOOR_DTYPE", "Compute dtype of UNet, ControlNet and DINOv2: auto (fp16 on CUDA, fp32 on CPU), "
+        "fp16, bf16, fp32. The VAE always runs in fp32.", str.strip, flag="--dtype", choices=DTYPES)
+    host: str = _setting(
+        "127.0.0.1", "ANYDOOR_HOST", "Address to listen on (0.0.0.0 in a container).", str.strip, flag="--host",
+        metavar="ADDR")
+    port: int = _setting(8000, "ANYDOOR_PORT", "TCP port to listen on.", _int, flag="--port", metavar="N")
+    max_queue: int = _setting(
+        16, "ANYDOOR_MAX_QUEUE", "Requests that may wait for the GPU; one more gets 429 with Retry-After.", _int,
+        flag="--max-queue", metavar="N")
+    queue_timeout_s: float = _setting(
+        60.0, "ANYDOOR_QUEUE_TIMEOUT_S", "A request that has waited this long without starting gets 504.", _float,
+        flag="--queue-timeout-s", metavar="SECONDS")
+    max_upload_mb: float = _setting(
+        20.0, "ANYDOOR_MAX_UPLOAD_MB", "Largest accepted file per upload field, in MiB (413 above). The whole request "
+        "body may be at most 4 times this plus 1 MiB.", _float, flag="--max-upload-mb", metavar="MIB")
+    max_pixels: int = _setting(
+        16_777_216, "ANYDOOR_MAX_PIXELS", "Largest accepted image, width x height, checked from the header before "
+        "decoding (decompression bombs). Queued requests hold their decoded background: budget about "
+        "4 bytes per pixel per queued request.", _int, flag="--max-pixels", metavar="N")
+    api_key: str | None = _setting(
+        None, "ANYDOOR_API_KEY", "When set, POST /predict requires `Authorization: Bearer <key>` (401 otherwise); "
+        "health and metrics stay open. Environment only, so the key never shows in a process list.", _text,
+        secret=True)
+    shutdown_grace_s: float = _setting(
+        20.0, "ANYDOOR_SHUTDOWN_GRACE_S", "On SIGTERM, queued and running requests get this long to finish; then "
+        "they are cancelled (503 `shutting_down`). Keep it below the orchestrator's kill timeout.", _float,
+        flag="--shutdown-grace-s", metavar="SECONDS")
+    shutdown_delay_s: float = _setting(
+        0.0, "ANYDOOR_SHUTDOWN_DELAY_S", "On SIGTERM, keep the listener open this long, answering 503 (`draining`) "
+        "to new requests and to /health/ready, so load balancers notice before connections are refused.", _float,
+        flag="--shutdown-delay-s", metavar="SECONDS")
+    warmup_steps: int = _setting(
+        2, "ANYDOOR_WARMUP_STEPS", "Denoising steps of the warm-up generation that must pass before the service is "
+        "ready.", _int, flag="--warmup-steps", metavar="N")
+    log_level: str = _setting(
+        "info", "ANYDOOR_LOG_LEVEL", "Log level of the service and of uvicorn.", lambda raw: raw.strip().lower(),
+        flag="--log-level", choices=LOG_LEVELS)
+
+    def __post_init__(self) -> None:
+        def fail(name: str, message: str) -> None:
+            raise SettingsError(f"{env_name(name)}: {message}, got {getattr(self, name)!r}")
+
+        if self.demo and self.weights:
+            raise SettingsError("ANYDOOR_DEMO and ANYDOOR_WEIGHTS exclude each other: demo mode serves its own tiny "
+                                "random model; unset one of them")
+        if not self.demo and not self.weights:
+            raise SettingsError(
+                "no weights configured: set ANYDOOR_WEIGHTS (or --weights) to a .safetensors/.ckpt file or an "
+                "http(s) URL, or set ANYDOOR_DEMO=1 (or --demo) to try the service with a tiny random demo model")
+        if self.weights and not re.match(r"^https?://", self.weights, re.IGNORECASE):
+            if not Path(self.weights).expanduser().is_file():
+                fail("weights", "no such file")
+        if self.config and not Path(self.config).expanduser().is_file():
+            fail("config", "no such file")
+        if self.weights_sha256 and not re.fullmatch(r"[0-9a-fA-F]{64}", self.weights_sha256):
+            fail("weights_sha256", "expected 64 hexadecimal digits")
+        if not _DEVICE.match(self.device):
+            fail("device", "expected auto, cpu, mps, cuda or cuda:N")
+        if self.dtype not in DTYPES:
+            fail("dtype", f"expected one of {', '.join(DTYPES)}")
+        if self.log_level not in LOG_LEVELS:
+            fail("log_level", f"expected one of {', '.join(LOG_LEVELS)}")
+        if not 0 <= self.port <= 65535:
+            fail("port", "expected 0..65535")
+        if self.max_queue < 1:
+            fail("max_queue", "expected at least 1")
+        if self.warmup_steps < 1:
+            fail("warmup_steps", "expected at least 1")
+        for name in ("queue_timeout_s", "max_upload_mb", "shutdown_grace_s"):
+            if getattr(self, name) <= 0:
+                fail(name, "expected a positive number")
+        if self.shutdown_delay_s < 0:
+            fail("shutdown_delay_s", "expected 0 or more")
+        if self.max_pixels < 64 * 64:
+            fail("max_pixels", "expected at least 4096")
+
+    # --- construction ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read every setting from ``environ`` (default ``os.environ``); ``overrides`` that are not None win."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if overrides.get(f.name) is not None:
+                values[f.name] = overrides[f.name]
+            elif f.metadata["env"] in env:
+                raw = env[f.metadata["env"]]
+                try:
+                    values[f.name] = f.metadata["parse"](raw)
+                except ValueError as exc:
+                    raise SettingsError(f"{f.metadata['env']}: cannot read {raw!r}: {exc}") from None
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown settings: {sorted(unknown)}")
+        return cls(**values)
+
+    def with_changes(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+    # --- derived values -------------------------------------------------------------------------------------
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * MIB)
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The whole multipart body: four image fields at the per-file limit plus room for the small fields."""
+        return 4 * self.max_upload_bytes + MIB
+
+    def public(self) -> dict[str, Any]:
+        """The settings with secrets masked, for logs."""
+        return {f.name: ("***" if f.metadata["secret"] and getattr(self, f.name) else getattr(self, f.name))
+                for f in fields(self)}
+
+
+def env_name(name: str) -> str:
+    return str(next(f.metadata["env"] for f in fields(Settings) if f.name == name))
+
+
+def _default_text(f: Any) -> str:
+    default = f.default if f.default is not MISSING else None
+    if default is None:
+        return "—"
+    if isinstance(default, bool):
+        return "`1`" if default else "`0`"
+    return f"`{default}`"
+
+
+def settings_table() -> str:
+    """The Markdown table of every setting, as the README shows it."""
+    rows = ["| Variable | Flag of `anydoor serve` | Default | Meaning |", "| --- | --- | --- | --- |"]
+    for f in fields(Settings):
+        flag = f"`{f.metadata['flag']}`" if f.metadata["flag"] else "(environment only)"
+        rows.append(f"| `{f.metadata['env']}` | {flag} | {_default_text(f)} | {f.metadata['help']} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(settings_table(), end="")

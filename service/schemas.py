@@ -1,0 +1,88 @@
+"""Response bodies, as the OpenAPI schema publishes them. (The multipart request is declared on the route.)"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class FieldError(BaseModel):
+    error: str = Field(description="Stable machine-readable code, e.g. `out_of_range`.")
+    field: str | None = Field(description="The request field at fault.")
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every rejection: a stable `error` code, the field at fault where there is one, a readable message."""
+
+    error: str = Field(
+        description="Stable code: `not_an_image`, `truncated_image`, `too_many_pixels`, `payload_too_large`, "
+        "`empty_mask`, `size_mismatch`, `out_of_range`, `invalid_parameter`, `missing_field`, `unauthorized`, "
+        "`overloaded`, `queue_timeout`, `not_ready`, `draining`, `shutting_down`, `gpu_out_of_memory`, "
+        "`internal_error`, ...",
+        examples=["out_of_range"],
+    )
+    field: str | None = Field(description="The request field at fault, if any.", examples=["steps"])
+    message: str = Field(examples=["must be between 1 and 1000, got 5000"])
+    request_id: str | None = Field(description="Same as the `X-Request-ID` response header.")
+    errors: list[FieldError] | None = Field(default=None, description="All problems, when there are several.")
+
+
+class Timings(BaseModel):
+    """Milliseconds per stage, as in the `Server-Timing` header."""
+
+    queue: float = Field(description="Waiting in the GPU queue.")
+    preprocess: float = Field(description="Decoding and validating the images, cropping, the collage hint.")
+    encode: float = Field(description="DINOv2 ID tokens and the ControlNet hint encoding.")
+    sample: float = Field(description="DDIM denoising.")
+    decode: float = Field(description="VAE decoding.")
+    postprocess: float = Field(description="Pasting back into the background, PNG encoding.")
+    total: float = Field(description="From the end of the upload to the response.")
+
+
+class PredictResponse(BaseModel):
+    """The JSON variant of a /predict answer (request it with `Accept: application/json`)."""
+
+    image: str = Field(description="The PNG, base64-encoded (standard alphabet, padded).")
+    media_type: Literal["image/png"] = "image/png"
+    width: int = Field(description="Equal to the background's width.")
+    height: int = Field(description="Equal to the background's height.")
+    seed: int = Field(description="The seed used; send it back to reproduce the image.")
+    regions: int = Field(description="How many target regions the object was inserted into.")
+    demo: bool = Field(description="True in demo mode: the image comes from a tiny random model, not AnyDoor.")
+    request_id: str
+    timings_ms: Timings
+
+
+class ModelInfo(BaseModel):
+    weights: str
+    device: str
+    dtype: str
+    demo: bool
+
+
+class LiveResponse(BaseModel):
+    status: Literal["alive"] = "alive"
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ready", "starting", "setup_failed", "draining", "stopped"]
+    model: ModelInfo | None = Field(default=None, description="Once loaded.")
+    queue_depth: int
+    max_queue: int
+    error: str | None = Field(default=None, description="Why setup failed.")
+
+
+class CogSetup(BaseModel):
+    started_at: str | None
+    completed_at: str | None
+    status: Literal["starting", "succeeded", "failed"]
+    logs: str
+
+
+class CogHealth(BaseModel):
+    """The body of Cog's `GET /health-check`."""
+
+    status: Literal["STARTING", "READY", "BUSY", "SETUP_FAILED"]
+    setup: CogSetup

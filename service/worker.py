@@ -1,0 +1,323 @@
+"""The GPU worker: one thread owns the model, takes jobs off a bounded queue and runs them one after the other.
+
+Requests are validated and preprocessed on the request's side (CPU, :meth:`GpuWorker.prepare`); only the
+encode/sample/decode part (:meth:`AnyDoorPipeline.run_jobs`) runs on this thread, so blocking GPU work never
+touches the event loop and a bad upload is rejected without waiting in the queue. Results go back to the waiting
+request through its asyncio future (``call_soon_threadsafe``).
+
+The queue is a deque under a condition variable rather than a ``queue.Queue`` because jobs must be removable
+from the middle: a client that disconnects, or that waited past its deadline, is taken out before it costs GPU
+time. A running job is stopped at the next denoising step through the pipeline's ``should_cancel`` check.
+
+Dynamic batching plugs into :meth:`GpuWorker._take_jobs`, which already returns a list: take further queued
+jobs with the same step count (waiting a few milliseconds for them), and :meth:`GpuWorker._run` hands them to
+``run_jobs`` together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import gc
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from model.errors import Cancelled, InputError
+from model.pipeline import GenerationResult
+from model.pipeline import Job as PipelineJob
+
+from .errors import ServiceError, overloaded, queue_timeout, shutting_down
+from .metrics import Metrics
+
+log = logging.getLogger("anydoor.service.worker")
+
+# torch >= 2.5 has the device-generic torch.OutOfMemoryError; torch.cuda.OutOfMemoryError is the same class there.
+OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
+    {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError}
+)
+
+
+class Pipeline(Protocol):
+    """What the worker needs of :class:`model.pipeline.AnyDoorPipeline` (tests substitute fakes)."""
+
+    is_demo: bool
+    weights_name: str
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def prepare(self, *args: Any, **kwargs: Any) -> PipelineJob: ...
+
+    def run_jobs(self, jobs: Sequence[PipelineJob]) -> list[GenerationResult]: ...
+
+
+class WorkerState(str, enum.Enum):
+    STARTING = "starting"  # loading the weights or running the warm-up generation
+    READY = "ready"
+    FAILED = "setup_failed"
+    STOPPED = "stopped"
+
+
+Outcome = GenerationResult | ServiceError
+
+
+@dataclass(eq=False)  # identity semantics: removal from the queue must find this very job
+class QueuedJob:
+    request_id: str
+    work: PipelineJob
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Outcome]
+    deadline: float  # time.monotonic() by which the job must have started
+    enqueued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+
+    def resolve(self, outcome: Outcome) -> None:
+        """Hand ``outcome`` to the waiting request (from any thread). A request that is gone ignores it."""
+
+        def deliver() -> None:
+            if not self.future.done():
+                self.future.set_result(outcome)
+
+        try:
+            self.loop.call_soon_threadsafe(deliver)
+        except RuntimeError:  # the event loop is closed: nobody is waiting any more
+            pass
+
+
+def client_gone() -> ServiceError:
+    return ServiceError(499, "client_closed_request", "the client closed the connection", reason="cancelled")
+
+
+class GpuWorker:
+    def __init__(
+        self,
+        load: Callable[[], Pipeline],
+        *,
+        max_queue: int,
+        metrics: Metrics,
+        warmup_steps: int = 2,
+    ) -> None:
+        self._load = load
+        self.max_queue = max_queue
+        self._metrics = metrics
+        self._warmup_steps = warmup_steps
+        self._queue: deque[QueuedJob] = deque()
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._main, name="anydoor-gpu-worker", daemon=True)
+        self._running: list[QueuedJob] = []
+        self._drain_deadline: float | None = None
+        self._stopping = False
+        self._job_seconds = 1.0  # moving average of one job's GPU time, for Retry-After
+        self.pipeline: Pipeline | None = None
+        self.state = WorkerState.STARTING
+        self.setup_error: str | None = None
+        self.setup_started_at: float | None = None  # wall-clock times, for Cog's health-check
+        self.setup_completed_at: float | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the thread: it loads the model, runs the warm-up generation, then serves the queue."""
+        self._thread.start()
+
+    def begin_drain(self, grace_s: float) -> None:
+        """Keep serving the queue for ``grace_s`` seconds more; after that, cancel what is running or queued."""
+        with self._cond:
+            if self._drain_deadline is None:
+                self._drain_deadline = time.monotonic() + grace_s
+            self._cond.notify_all()
+
+    def stop(self, timeout: float | None) -> bool:
+        """Refuse new jobs, let the queue run out (until the drain deadline), end the thread; True if it ended."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.ident is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # --- the request side -------------------------------------------------------------------------------------
+
+    def prepare(self, **kwargs: Any) -> PipelineJob:
+        """Validate and preprocess one request (CPU only, any thread): :meth:`AnyDoorPipeline.prepare`."""
+        pipe = self.pipeline
+        if pipe is None:
+            raise RuntimeError("the model is not loaded yet")
+        return pipe.prepare(**kwargs)
+
+    def submit(self, job: QueuedJob) -> None:
+        """Queue ``job``; raise 429 ``overloaded`` when the queue is full, 503 when shutting down."""
+        with self._cond:
+            if self._stopping or self._drain_expired():
+                raise shutting_down()
+            if len(self._queue) >= self.max_queue:
+                raise overloaded(self.retry_after_s())
+            job.work.progress = self._on_step
+            job.work.should_cancel = lambda: job.cancel_event.is_set() or self._drain_expired()
+            self._queue.append(job)
+            self._cond.notify()
+
+    def withdraw(self, job: QueuedJob) -> bool:
+        """Take ``job`` out of the queue if it has not started; False if the worker already took it."""
+        with self._cond:
+            try:
+                self._queue.remove(job)
+            except ValueError:
+                return False
+            return True
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def queue_full(self) -> bool:
+        return len(self._queue) >= self.max_queue
+
+    def retry_after_s(self) -> int:
+        """A ``Retry-After`` hint: the time the jobs ahead need (a conservative estimate that spreads retries)."""
+        return max(1, min(300, math.ceil(self._job_seconds * (len(self._queue) + len(self._running) or 1))))
+
+    # --- the worker thread ----------------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        self.setup_started_at = time.time()
+        try:
+            self._setup()
+        except BaseException as exc:  # any failure to load becomes SETUP_FAILED, reported by the health routes
+            log.exception("model setup failed")
+            self.setup_error = f"{type(exc).__name__}: {exc}"
+            self.state = WorkerState.FAILED
+            self.setup_completed_at = time.time()
+            return
+        self.setup_completed_at = time.time()
+        self.state = WorkerState.READY
+        while jobs := self._take_jobs(max_jobs=1):
+            self._run(jobs)
+        self.state = WorkerState.STOPPED
+
+    def _setup(self) -> None:
+        t0 = time.perf_counter()
+        pipe = self._load()
+        log.info("loaded %s on %s (%s) in %.1f s%s", pipe.weights_name, pipe.device, pipe.dtype,
+                 time.perf_counter() - t0, " [DEMO MODE: tiny random model]" if pipe.is_demo else "")
+        self._metrics.set_model(weights=pipe.weights_name, device=str(pipe.device),
+                                dtype=str(pipe.dtype).removeprefix("torch."), demo=pipe.is_demo)
+        t0 = time.perf_counter()
+        reference, background, box = _warmup_inputs()
+        work = pipe.prepare(reference=reference, background=background, boxes=[box], steps=self._warmup_steps,
+                            seed=0)
+        result = pipe.run_jobs([work])[0]
+        assert result.image.size == (background.shape[1], background.shape[0])
+        self._job_seconds = time.perf_counter() - t0
+        log.info("warm-up generation (%d steps) passed in %.2f s", self._warmup_steps, self._job_seconds)
+        self.pipeline = pipe
+
+    def _take_jobs(self, max_jobs: int) -> list[QueuedJob]:
+        """Wait for work and take up to ``max_jobs`` jobs off the queue, oldest first; [] when it is time to stop.
+
+        Jobs that must not start are answered here and skipped: their client is gone, they waited past their
+        deadline, or the shutdown grace period is over. (Batching: extend the selection to further jobs with the
+        first one's step count, waiting up to the batch delay for them.)
+        """
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                taken: list[QueuedJob] = []
+                while self._queue and len(taken) < max_jobs:
+                    job = self._queue.popleft()
+                    if job.cancel_event.is_set():
+                        job.resolve(client_gone())
+                    elif self._drain_expired(now):
+                        job.resolve(shutting_down())
+                    elif now > job.deadline:
+                        job.resolve(queue_timeout(now - job.enqueued_at))
+                    else:
+                        job.started_at = now
+                        taken.append(job)
+                if taken:
+                    self._running = taken
+                    return taken
+                if self._stopping:
+                    return []
+                self._cond.wait()
+
+    def _run(self, jobs: list[QueuedJob]) -> None:
+        pipe = self.pipeline
+        assert pipe is not None
+        for job in jobs:
+            assert job.started_at is not None
+            self._metrics.queue_wait.observe(job.started_at - job.enqueued_at)
+        self._metrics.running.set(len(jobs))
+        t0 = time.perf_counter()
+        results: list[GenerationResult] | None = None
+        failure: ServiceError | None = None
+        out_of_memory = False
+        try:
+            results = pipe.run_jobs([job.work for job in jobs])
+        except Cancelled:
+            failure = shutting_down() if self._drain_expired() else client_gone()
+            log.info("stopped %s at a denoising step: %s", _ids(jobs), failure.message)
+        except InputError as exc:
+            failure = ServiceError.from_input_error(exc)
+        except OOM_ERRORS:
+            out_of_memory = True
+            log.error("GPU out of memory running %s; the cache is emptied and the worker goes on", _ids(jobs))
+            failure = ServiceError(503, "gpu_out_of_memory", "the GPU ran out of memory for this request; retry",
+                                   reason="oom", headers={"Retry-After": "1"})
+        except Exception:
+            log.exception("generation failed for %s", _ids(jobs))
+            failure = ServiceError(500, "internal_error", "the generation failed unexpectedly; the server log has "
+                                   "the details under this request id", reason="internal")
+        finally:
+            self._metrics.running.set(0)
+            with self._cond:
+                self._running = []
+        if out_of_memory:
+            # Outside the except block, so the traceback's frames (and the tensors they hold) are already gone.
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        if results is not None:
+            self._job_seconds = 0.8 * self._job_seconds + 0.2 * (time.perf_counter() - t0) / len(jobs)
+            for job, result in zip(jobs, results, strict=True):
+                job.resolve(result)
+        else:
+            assert failure is not None
+            for job in jobs:
+                job.resolve(failure)
+
+    def _on_step(self, step: int, total: int, t: int) -> None:
+        self._metrics.steps.inc()
+
+    def _drain_expired(self, now: float | None = None) -> bool:
+        deadline = self._drain_deadline
+        return deadline is not None and (time.monotonic() if now is None else now) >= deadline
+
+
+def _ids(jobs: Sequence[QueuedJob]) -> str:
+    return ", ".join(f"request {job.request_id}" for job in jobs)
+
+
+def _warmup_inputs() -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
+    """A small synthetic request: an RGBA cut-out (alpha is the mask), a background with a gradient, a box."""
+    reference = np.full((96, 96, 4), 255, dtype=np.uint8)
+    reference[..., 3] = 0
+    reference[16:80, 24:72] = (200, 60, 40, 255)
+    ramp = np.linspace(40, 200, 320, dtype=np.float32)
+    background = np.repeat(np.repeat(ramp[None, :, None], 256, axis=0), 3, axis=2).astype(np.uint8)
+    return reference, background, (96, 64, 128, 128)
