@@ -59,6 +59,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 class AnyDoorModel(nn.Module):
+    alphas_cumprod: torch.Tensor  # (T,) registered with the other DDPM buffers in __init__
+
     def __init__(self, config: AnyDoorConfig | None = None) -> None:
         super().__init__()
         self.config = config or released_config()
