@@ -213,11 +213,14 @@ class AnyDoorModel(nn.Module):
                         raise ValueError("predict_noise needs a hint (or guided_hint) unless control_scale is 0")
                     guided_hint = self.control_model.encode_hint(hint)
                 residuals = self.control_model(t, context, guided_hint=guided_hint)
+                # The residuals are fresh zero-conv outputs: scale them in place.
                 if isinstance(control_scale, torch.Tensor) and control_scale.ndim > 0:
                     scale = control_scale.to(x_t.device).view(-1, 1, 1, 1)
-                    control = [r * scale.to(r.dtype) for r in residuals]
+                    control = [r.mul_(scale.to(r.dtype)) for r in residuals]
+                elif float(control_scale) == 1.0:
+                    control = residuals  # x * 1.0 == x
                 else:
-                    control = [r * float(control_scale) for r in residuals]
+                    control = [r.mul_(float(control_scale)) for r in residuals]
             eps = unet(x_t, t, context, control)
         return eps.float()
 

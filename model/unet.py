@@ -14,7 +14,16 @@ import torch
 from torch import nn
 
 from .config import UNetConfig
-from .layers import Downsample, ResBlock, Sequential, SpatialTransformer, Upsample, normalization, timestep_embedding
+from .layers import (
+    Downsample,
+    ResBlock,
+    Sequential,
+    SpatialTransformer,
+    Upsample,
+    add_into,
+    normalization,
+    timestep_embedding,
+)
 
 
 def _transformer(cfg: UNetConfig, channels: int) -> SpatialTransformer:
@@ -99,11 +108,12 @@ class UNetModel(nn.Module):
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        # The skips are used once each, after the encoder is done with them: the control residuals go into them.
         if control is not None:
-            h = h + control[-1]
+            h = add_into(h, control[-1])
         for i, block in enumerate(self.output_blocks):
             skip = skips.pop()
             if control is not None:
-                skip = skip + control[-2 - i]
+                skip = add_into(skip, control[-2 - i])
             h = block(torch.cat([h, skip], dim=1), emb, context)
         return self.out(h)
