@@ -130,6 +130,14 @@ class Settings:
         0.0, "ANYDOOR_SHUTDOWN_DELAY_S", "On SIGTERM, keep the listener open this long, answering 503 (`draining`) "
         "to new requests and to /health/ready, so load balancers notice before connections are refused.", _float,
         flag="--shutdown-delay-s", metavar="SECONDS")
+    max_batch: int = _setting(
+        4, "ANYDOOR_MAX_BATCH", "Most target regions generated together in one batch: queued requests with the same "
+        "steps and sampler run as one batch, each with its own seed, guidance and control strength. 1 turns "
+        "batching off.", _int, flag="--max-batch", metavar="N")
+    max_batch_delay_ms: float = _setting(
+        5.0, "ANYDOOR_MAX_BATCH_DELAY_MS", "How long the worker waits for more compatible requests to fill a batch "
+        "once it has one to run (0: batch only what is already queued).", _float, flag="--max-batch-delay-ms",
+        metavar="MS")
     warmup_steps: int = _setting(
         2, "ANYDOOR_WARMUP_STEPS", "Denoising steps of the warm-up generation that must pass before the service is "
         "ready.", _int, flag="--warmup-steps", metavar="N")
@@ -165,6 +173,10 @@ class Settings:
             fail("port", "expected 0..65535")
         if self.max_queue < 1:
             fail("max_queue", "expected at least 1")
+        if self.max_batch < 1:
+            fail("max_batch", "expected at least 1")
+        if not 0 <= self.max_batch_delay_ms <= 1000:
+            fail("max_batch_delay_ms", "expected between 0 and 1000")
         if self.warmup_steps < 1:
             fail("warmup_steps", "expected at least 1")
         for name in ("queue_timeout_s", "max_upload_mb", "shutdown_grace_s"):

@@ -93,6 +93,7 @@ class InferenceService:
         self.worker = GpuWorker(
             load or functools.partial(load_pipeline, settings),
             max_queue=settings.max_queue, metrics=metrics, warmup_steps=settings.warmup_steps,
+            max_batch=settings.max_batch, batch_delay_s=settings.max_batch_delay_ms / 1000,
         )
         self.draining = False
         self._limiter: anyio.CapacityLimiter | None = None

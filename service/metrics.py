@@ -45,6 +45,9 @@ class Metrics:
             "anydoor_in_flight_requests", "/predict requests being handled: preprocessing, queued or generating.",
             registry=r)
         self.running = Gauge("anydoor_running_jobs", "Jobs the GPU worker is generating right now.", registry=r)
+        self.batch_size = Histogram(
+            "anydoor_batch_size", "Jobs the GPU worker generated together in one batch.",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), registry=r)
         self.steps = Counter(
             "anydoor_denoising_steps", "Denoising steps run, summed over jobs.", registry=r)
         self.ready = Gauge("anydoor_ready", "1 when the model is loaded, warmed up and not draining.", registry=r)

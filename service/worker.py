@@ -9,9 +9,11 @@ The queue is a deque under a condition variable rather than a ``queue.Queue`` be
 from the middle: a client that disconnects, or that waited past its deadline, is taken out before it costs GPU
 time. A running job is stopped at the next denoising step through the pipeline's ``should_cancel`` check.
 
-Dynamic batching plugs into :meth:`GpuWorker._take_jobs`, which already returns a list: take further queued
-jobs with the same step count (waiting a few milliseconds for them), and :meth:`GpuWorker._run` hands them to
-``run_jobs`` together.
+Dynamic batching: :meth:`GpuWorker._take_jobs` takes the oldest job, then further queued jobs that can share its
+batch (same step count and sampler), waiting up to ``batch_delay_s`` for them, until the batch holds ``max_batch``
+target regions; :meth:`GpuWorker._run` hands them to ``run_jobs`` together. Each job keeps its own seed, guidance
+scale and control strength, so its image is the one it would get alone (within float tolerance). A batch stops
+early only when every job in it is cancelled; a job whose client left mid-batch is answered 499 at the end.
 """
 
 from __future__ import annotations
@@ -109,9 +111,13 @@ class GpuWorker:
         max_queue: int,
         metrics: Metrics,
         warmup_steps: int = 2,
+        max_batch: int = 1,
+        batch_delay_s: float = 0.0,
     ) -> None:
         self._load = load
         self.max_queue = max_queue
+        self.max_batch = max_batch
+        self.batch_delay_s = batch_delay_s
         self._metrics = metrics
         self._warmup_steps = warmup_steps
         self._queue: deque[QueuedJob] = deque()
@@ -206,8 +212,16 @@ class GpuWorker:
             return
         self.setup_completed_at = time.time()
         self.state = WorkerState.READY
-        while jobs := self._take_jobs(max_jobs=1):
-            self._run(jobs)
+        while jobs := self._take_jobs():
+            try:
+                self._run(jobs)
+            except Exception:  # the worker thread must outlive any bug: answer the jobs and go on
+                log.exception("unexpected failure in the worker handling %s", _ids(jobs))
+                for job in jobs:
+                    job.resolve(ServiceError(500, "internal_error", "the generation failed unexpectedly; the server "
+                                             "log has the details under this request id", reason="internal"))
+                with self._cond:
+                    self._running = []
         self.state = WorkerState.STOPPED
 
     def _setup(self) -> None:
@@ -227,34 +241,66 @@ class GpuWorker:
         log.info("warm-up generation (%d steps) passed in %.2f s", self._warmup_steps, self._job_seconds)
         self.pipeline = pipe
 
-    def _take_jobs(self, max_jobs: int) -> list[QueuedJob]:
-        """Wait for work and take up to ``max_jobs`` jobs off the queue, oldest first; [] when it is time to stop.
+    def _take_jobs(self) -> list[QueuedJob]:
+        """Wait for work and take the oldest job plus the queued jobs that can share its batch; [] to stop.
 
         Jobs that must not start are answered here and skipped: their client is gone, they waited past their
-        deadline, or the shutdown grace period is over. (Batching: extend the selection to further jobs with the
-        first one's step count, waiting up to the batch delay for them.)
+        deadline, or the shutdown grace period is over. Once a first job is taken, compatible jobs (same steps and
+        sampler) join it, oldest first, up to ``max_batch`` target regions in all, waiting up to ``batch_delay_s``
+        for more to arrive; others keep their place in the queue.
         """
         with self._cond:
-            while True:
-                now = time.monotonic()
-                taken: list[QueuedJob] = []
-                while self._queue and len(taken) < max_jobs:
-                    job = self._queue.popleft()
-                    if job.cancel_event.is_set():
-                        job.resolve(client_gone())
-                    elif self._drain_expired(now):
-                        job.resolve(shutting_down())
-                    elif now > job.deadline:
-                        job.resolve(queue_timeout(now - job.enqueued_at))
-                    else:
-                        job.started_at = now
-                        taken.append(job)
-                if taken:
-                    self._running = taken
-                    return taken
-                if self._stopping:
-                    return []
-                self._cond.wait()
+            first: QueuedJob | None = None
+            while first is None:
+                first = self._pop_startable(lambda job: True)
+                if first is None:
+                    if self._stopping:
+                        return []
+                    self._cond.wait()
+            taken = [first]
+            size = len(first.work.regions)
+            key = _batch_key(first)
+            wait_until = time.monotonic() + self.batch_delay_s
+            while size < self.max_batch:
+                room = self.max_batch - size
+
+                def fits(job: QueuedJob, room: int = room) -> bool:
+                    return _batch_key(job) == key and len(job.work.regions) <= room
+
+                job = self._pop_startable(fits)
+                if job is not None:
+                    taken.append(job)
+                    size += len(job.work.regions)
+                    continue
+                remaining = wait_until - time.monotonic()
+                if remaining <= 0 or self._stopping or self._drain_expired():
+                    break
+                self._cond.wait(remaining)
+            now = time.monotonic()
+            for job in taken:
+                job.started_at = now
+            self._running = taken
+            return taken
+
+    def _pop_startable(self, accept: Callable[[QueuedJob], bool]) -> QueuedJob | None:
+        """Remove and return the oldest queued job that ``accept``s and may start; answer dead ones on the way.
+
+        Called with the lock held."""
+        now = time.monotonic()
+        for job in list(self._queue):
+            if job.cancel_event.is_set():
+                self._queue.remove(job)
+                job.resolve(client_gone())
+            elif self._drain_expired(now):
+                self._queue.remove(job)
+                job.resolve(shutting_down())
+            elif now > job.deadline:
+                self._queue.remove(job)
+                job.resolve(queue_timeout(now - job.enqueued_at))
+            elif accept(job):
+                self._queue.remove(job)
+                return job
+        return None
 
     def _run(self, jobs: list[QueuedJob]) -> None:
         pipe = self.pipeline
@@ -263,12 +309,16 @@ class GpuWorker:
             assert job.started_at is not None
             self._metrics.queue_wait.observe(job.started_at - job.enqueued_at)
         self._metrics.running.set(len(jobs))
+        self._metrics.batch_size.observe(len(jobs))
         t0 = time.perf_counter()
         results: list[GenerationResult] | None = None
         failure: ServiceError | None = None
         out_of_memory = False
         try:
-            results = pipe.run_jobs([job.work for job in jobs])
+            outputs = pipe.run_jobs([job.work for job in jobs])
+            if len(outputs) != len(jobs):
+                raise RuntimeError(f"run_jobs returned {len(outputs)} results for {len(jobs)} jobs")
+            results = outputs
         except Cancelled:
             failure = shutting_down() if self._drain_expired() else client_gone()
             log.info("stopped %s at a denoising step: %s", _ids(jobs), failure.message)
@@ -307,6 +357,11 @@ class GpuWorker:
     def _drain_expired(self, now: float | None = None) -> bool:
         deadline = self._drain_deadline
         return deadline is not None and (time.monotonic() if now is None else now) >= deadline
+
+
+def _batch_key(job: QueuedJob) -> tuple[object, ...]:
+    """Jobs run in one batch only with the same denoising schedule."""
+    return (job.work.steps, getattr(job.work, "sampler", "ddim"))
 
 
 def _ids(jobs: Sequence[QueuedJob]) -> str:

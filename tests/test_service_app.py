@@ -43,7 +43,7 @@ class FakePipeline:
     def prepare(self, reference: Any, background: Any, **kwargs: Any) -> Job:
         image = load_image(background, field="background")
         seed = kwargs.get("seed")
-        return Job(image, [], torch.zeros(1), 7 if seed is None else seed, kwargs.get("steps", 50),
+        return Job(image, [None], torch.zeros(1), 7 if seed is None else seed, kwargs.get("steps", 50),  # 1 region
                    kwargs.get("guidance_scale", 4.5), kwargs.get("control_strength", 1.0))
 
     def run_jobs(self, jobs: Sequence[Job]) -> list[GenerationResult]:
@@ -60,7 +60,7 @@ class FakePipeline:
             if job.progress is not None:
                 job.progress(step + 1, job.steps, 0)
         timings = {"preprocess": 0.001, "encode": 0.002, "sample": 0.003, "decode": 0.004, "postprocess": 0.005}
-        return [GenerationResult(Image.fromarray(job.background), job.seed, timings, 1, True)]
+        return [GenerationResult(Image.fromarray(j.background), j.seed, timings, 1, True) for j in jobs]
 
 
 def png(size: tuple[int, int] = (64, 48), mode: str = "RGB") -> bytes:
@@ -220,7 +220,41 @@ def test_the_worker_takes_one_job_at_a_time_and_answers_each_request() -> None:
         assert [r.headers["x-seed"] for r in responses] == [str(i) for i in range(6)]
         assert pipe.batches == [1] * 7  # the warm-up, then one job at a time
 
-    run(scenario, load=lambda: pipe, max_queue=8)
+    run(scenario, load=lambda: pipe, max_queue=8, max_batch=1)
+
+
+def test_the_worker_batches_compatible_queued_jobs_up_to_max_batch() -> None:
+    pipe = FakePipeline(step_s=0.01)
+
+    async def scenario(client: httpx.AsyncClient, app: Any) -> None:
+        responses = await asyncio.gather(*[
+            client.post("/predict", files=FILES, data={**DATA, "seed": str(i)}) for i in range(6)
+        ])
+        assert [r.status_code for r in responses] == [200] * 6
+        assert [r.headers["x-seed"] for r in responses] == [str(i) for i in range(6)]  # each its own result
+        assert pipe.batches[0] == 1 and sum(pipe.batches[1:]) == 6  # the warm-up, then the six requests
+        assert max(pipe.batches[1:]) == 3 and len(pipe.batches) <= 4  # batches of up to 3, not one by one
+        metrics = (await client.get("/metrics")).text
+        assert "anydoor_batch_size_count" in metrics
+
+    run(scenario, load=lambda: pipe, max_queue=8, max_batch=3, max_batch_delay_ms=200)
+
+
+def test_a_worker_bug_outside_the_pipeline_does_not_stop_the_service() -> None:
+    class ShortPipeline(FakePipeline):
+        def run_jobs(self, jobs: Sequence[Job]) -> list[GenerationResult]:
+            results = super().run_jobs(jobs)
+            return results[:1] if len(self.batches) == 2 else results  # the first real batch loses a result
+
+    pipe = ShortPipeline()
+
+    async def scenario(client: httpx.AsyncClient, app: Any) -> None:
+        first = await asyncio.gather(*[client.post("/predict", files=FILES, data=DATA) for _ in range(2)])
+        assert sorted(r.status_code for r in first) in ([200, 200], [500, 500])
+        after = await client.post("/predict", files=FILES, data=DATA)
+        assert after.status_code == 200  # the worker thread is still alive
+
+    run(scenario, load=lambda: pipe, max_queue=8, max_batch=2, max_batch_delay_ms=200)
 
 
 def test_request_ids_are_echoed_only_when_plain() -> None:
