@@ -24,9 +24,11 @@ from model.pipeline import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_STEPS,
     PARAM_LIMITS,
+    SAMPLERS,
     GenerationResult,
 )
 from model.regions import parse_boxes
+from model.sampler import DPMPP_DEFAULT_STEPS
 from service.config import Settings
 from service.inference import load_pipeline
 
@@ -104,6 +106,12 @@ class Predictor(BaseRunner):
             description="Random seed; the same inputs, parameters and seed give the same image. "
             "Leave empty for a random one (it is logged and recorded as the 'seed' metric).",
         ),
+        sampler: str = Input(
+            default="ddim",
+            choices=list(SAMPLERS),
+            description="ddim (upstream's sampler) or dpmpp_2m (DPM-Solver++(2M): similar quality in fewer steps, "
+            f"about {DPMPP_DEFAULT_STEPS}).",
+        ),
     ) -> Path:
         """Insert the object of ``reference`` into each target region of ``background``; returns a PNG."""
         result = self._generate(
@@ -117,6 +125,7 @@ class Predictor(BaseRunner):
             control_strength=control_strength,
             shape_control=shape_control,
             seed=seed,
+            sampler=sampler,
             max_pixels=self.settings.max_pixels,
         )
         self.record_metric("seed", result.seed)

@@ -14,6 +14,7 @@ from .pipeline import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_STEPS,
     PARAM_LIMITS,
+    SAMPLERS,
     STAGES,
     AnyDoorPipeline,
 )
@@ -58,6 +59,8 @@ def register(sub: Any) -> None:
                    help=f"ControlNet residual scale ({_limits('control_strength')})")
     p.add_argument("--shape-control", action="store_true", help="follow the drawn mask's shape, not its box")
     p.add_argument("--seed", type=int, help="random seed (default: random; printed)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+                   help="ddim (upstream's) or dpmpp_2m (DPM-Solver++(2M), about 20 steps suffice)")
     p.add_argument("--reference-expand-ratio", type=float, default=DEFAULT_REFERENCE_EXPAND_RATIO)
     p.add_argument("--target-box-expand-ratio", type=float, default=DEFAULT_TARGET_BOX_EXPAND_RATIO)
     p.add_argument("--crop-expand-ratio", type=float, default=DEFAULT_CROP_EXPAND_RATIO)
@@ -108,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
             control_strength=args.control_strength,
             shape_control=args.shape_control,
             seed=args.seed,
+            sampler=args.sampler,
             reference_expand_ratio=args.reference_expand_ratio,
             target_box_expand_ratio=args.target_box_expand_ratio,
             crop_expand_ratio=args.crop_expand_ratio,

@@ -69,6 +69,7 @@ class PredictParams:
     control_strength: float = 1.0
     shape_control: bool = False
     seed: int | None = None
+    sampler: str = "ddim"
 
 
 @dataclass
@@ -185,6 +186,7 @@ class InferenceService:
                     reference_mask=params.reference_mask, background_mask=params.background_mask, boxes=params.boxes,
                     steps=params.steps, guidance_scale=params.guidance_scale,
                     control_strength=params.control_strength, shape_control=params.shape_control, seed=params.seed,
+                    sampler=params.sampler,
                     max_pixels=self.settings.max_pixels,
                 ),
                 limiter=self._limiter,

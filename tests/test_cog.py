@@ -8,6 +8,7 @@ interpreter goes first on ``PATH``. One server is shared by the module (start-up
 from __future__ import annotations
 
 import base64
+import inspect
 import io
 import json
 import os
@@ -27,21 +28,14 @@ import pytest
 import yaml
 from PIL import Image
 
+from service import routes
+
 ROOT = Path(__file__).resolve().parents[1]
 CASE = ROOT / "tests" / "fixtures" / "reference" / "case_a"
 COG_YAML = yaml.safe_load((ROOT / "cog.yaml").read_text())
-PREDICT_FIELDS = (
-    "reference",
-    "reference_mask",
-    "background",
-    "background_mask",
-    "box",
-    "steps",
-    "guidance_scale",
-    "control_strength",
-    "shape_control",
-    "seed",
-)
+# The fields of the service's POST /predict, read off its route: the predictor must take the same ones.
+PREDICT_FIELDS = tuple(name for name in inspect.signature(routes.predict).parameters
+                       if name not in ("request", "service"))
 
 cog = pytest.importorskip("cog", reason="the Cog SDK is a test dependency: pip install cog==0.23.1")
 
@@ -228,7 +222,7 @@ def predictor_info() -> Any:
 
 
 def test_inputs_are_the_predict_fields_with_descriptions_bounds_and_defaults(predictor_info: Any) -> None:
-    from model.pipeline import DEFAULT_CONTROL_STRENGTH, DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, PARAM_LIMITS
+    from model.pipeline import DEFAULT_CONTROL_STRENGTH, DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, PARAM_LIMITS, SAMPLERS
 
     fields = predictor_info.inputs
     assert sorted(fields) == sorted(PREDICT_FIELDS)
@@ -242,6 +236,8 @@ def test_inputs_are_the_predict_fields_with_descriptions_bounds_and_defaults(pre
     assert fields["shape_control"].default is False
     for name in ("reference_mask", "background_mask", "box", "seed"):
         assert fields[name].default is None, name
+    assert fields["sampler"].default == "ddim"
+    assert sorted(fields["sampler"].choices) == sorted(SAMPLERS)
 
 
 def test_a_built_image_enforces_the_bounds(predictor_info: Any) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from model.pipeline import SAMPLERS
 from service.testing import (
     ServerProcess,
     case_a_files,
@@ -147,6 +148,15 @@ def test_boxes_and_a_random_seed(client: httpx.Client) -> None:
     assert not np.array_equal(out[60:260, 40:200], original[60:260, 40:200])
 
 
+def test_dpm_solver_sampler(client: httpx.Client) -> None:
+    data = {"steps": "2", "seed": "9"}
+    ddim = client.post("/predict", files=case_a_files(), headers=AUTH, data=data)
+    dpm = client.post("/predict", files=case_a_files(), headers=AUTH, data={**data, "sampler": "dpmpp_2m"})
+    assert ddim.status_code == dpm.status_code == 200, dpm.text
+    assert Image.open(io.BytesIO(dpm.content)).size == (640, 480)
+    assert ddim.content != dpm.content
+
+
 # --- rejections -----------------------------------------------------------------------------------------------
 
 
@@ -191,6 +201,7 @@ REJECTIONS = {
     "control_not_a_number": (case_a_files(), {"control_strength": "strong"}, 422, "invalid_parameter",
                              "control_strength"),
     "seed_negative": (case_a_files(), {"seed": "-1"}, 422, "out_of_range", "seed"),
+    "unknown_sampler": (case_a_files(), {"sampler": "euler"}, 422, "invalid_parameter", "sampler"),
     "missing_background": ({"reference": case_a_files()["reference"]}, {"box": "1,1,50,50"}, 422, "missing_field",
                            "background"),
     "bad_box": (case_a_files(mask=False), {"box": "10,10,100"}, 422, "invalid_box", "box"),
@@ -278,7 +289,8 @@ def test_openapi_describes_the_predict_api(client: httpx.Client) -> None:
     body_ref = operation["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
     body = schema["components"]["schemas"][body_ref.rsplit("/", 1)[1]]
     assert set(body["properties"]) == {"reference", "reference_mask", "background", "background_mask", "box", "steps",
-                                       "guidance_scale", "control_strength", "shape_control", "seed"}
+                                       "guidance_scale", "control_strength", "shape_control", "seed", "sampler"}
+    assert set(body["properties"]["sampler"]["enum"]) == set(SAMPLERS)
     assert set(body["required"]) == {"reference", "background"}
     assert body["properties"]["steps"]["minimum"] == 1 and body["properties"]["steps"]["maximum"] == 1000
     ok = operation["responses"]["200"]
