@@ -84,6 +84,11 @@ def queue_timeout(waited_s: float) -> ServiceError:
                         reason="timeout")
 
 
+def generation_failed() -> ServiceError:
+    return ServiceError(500, "internal_error", "the generation failed unexpectedly; the server log has the details "
+                        "under this request id", reason="internal")
+
+
 def shutting_down() -> ServiceError:
     return ServiceError(503, "shutting_down", "the server is shutting down; the request was cancelled, retry "
                         "elsewhere", reason="cancelled")

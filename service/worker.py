@@ -37,7 +37,7 @@ from model.errors import Cancelled, InputError
 from model.pipeline import GenerationResult
 from model.pipeline import Job as PipelineJob
 
-from .errors import ServiceError, overloaded, queue_timeout, shutting_down
+from .errors import ServiceError, generation_failed, overloaded, queue_timeout, shutting_down
 from .metrics import Metrics
 
 log = logging.getLogger("anydoor.service.worker")
@@ -218,8 +218,7 @@ class GpuWorker:
             except Exception:  # the worker thread must outlive any bug: answer the jobs and go on
                 log.exception("unexpected failure in the worker handling %s", _ids(jobs))
                 for job in jobs:
-                    job.resolve(ServiceError(500, "internal_error", "the generation failed unexpectedly; the server "
-                                             "log has the details under this request id", reason="internal"))
+                    job.resolve(generation_failed())
                 with self._cond:
                     self._running = []
         self.state = WorkerState.STOPPED
@@ -331,8 +330,7 @@ class GpuWorker:
                                    reason="oom", headers={"Retry-After": "1"})
         except Exception:
             log.exception("generation failed for %s", _ids(jobs))
-            failure = ServiceError(500, "internal_error", "the generation failed unexpectedly; the server log has "
-                                   "the details under this request id", reason="internal")
+            failure = generation_failed()
         finally:
             self._metrics.running.set(0)
             with self._cond:
