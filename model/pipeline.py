@@ -138,6 +138,15 @@ class AnyDoorPipeline:
             "cuda" if torch.cuda.is_available() else "cpu")
         return cls(model.to(dev).eval().requires_grad_(False), is_demo=True, weights_name="demo (tiny random)")
 
+    def compile_networks(self, **options: Any) -> AnyDoorPipeline:
+        """``torch.compile`` the UNet and the ControlNet in place (their keys are unchanged).
+
+        Off by default. Compilation happens on the first generation of each batch shape, so run a warm-up (the
+        service's warm-up generation does) before measuring or serving."""
+        self.model.model.diffusion_model.compile(**options)
+        self.model.control_model.compile(**options)
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.model.device

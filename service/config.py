@@ -138,6 +138,10 @@ class Settings:
         5.0, "ANYDOOR_MAX_BATCH_DELAY_MS", "How long the worker waits for more compatible requests to fill a batch "
         "once it has one to run (0: batch only what is already queued).", _float, flag="--max-batch-delay-ms",
         metavar="MS")
+    compile: bool = _setting(
+        False, "ANYDOOR_COMPILE", "torch.compile the UNet and the ControlNet (off by default). The warm-up "
+        "generation pays for the compilation before the service turns ready; each new batch size compiles once "
+        "more on first use.", _bool, flag="--compile")
     warmup_steps: int = _setting(
         2, "ANYDOOR_WARMUP_STEPS", "Denoising steps of the warm-up generation that must pass before the service is "
         "ready.", _int, flag="--warmup-steps", metavar="N")

@@ -41,7 +41,8 @@ def load_pipeline(settings: Settings) -> Pipeline:
 
     device = None if settings.device == "auto" else settings.device
     if settings.demo:
-        return AnyDoorPipeline.demo(device=device)
+        pipe = AnyDoorPipeline.demo(device=device)
+        return pipe.compile_networks() if settings.compile else pipe
     assert settings.weights is not None  # Settings guarantees weights or demo
     weights: str | Path = settings.weights
     if re.match(r"^https?://", settings.weights, re.IGNORECASE) or settings.weights_sha256:
@@ -49,10 +50,11 @@ def load_pipeline(settings: Settings) -> Pipeline:
 
         cache_dir = Path(settings.cache_dir).expanduser() if settings.cache_dir else None
         weights = resolve_weights(settings.weights, sha256=settings.weights_sha256, cache_dir=cache_dir)
-    return AnyDoorPipeline.from_pretrained(
+    pipe = AnyDoorPipeline.from_pretrained(
         Path(weights).expanduser(), config=settings.config, device=device,
         dtype=None if settings.dtype == "auto" else settings.dtype,
     )
+    return pipe.compile_networks() if settings.compile else pipe
 
 
 @dataclass

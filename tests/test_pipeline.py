@@ -182,3 +182,19 @@ def test_cli_generate_end_to_end(tmp_path: Path) -> None:
     bad = subprocess.run([*cmd[:-6], "--steps", "0"], capture_output=True, text=True,
                          cwd=Path(__file__).parent.parent, timeout=300)
     assert bad.returncode == 2 and "error: steps: must be between 1 and 1000, got 0 [out_of_range]" in bad.stderr
+
+
+def test_compile_is_opt_in_in_place_and_keeps_the_keys() -> None:
+    """torch.compile is off unless asked for; turning it on keeps the checkpoint keys (no `_orig_mod.` prefix).
+    (Compiling runs on the first generation; that takes minutes on a CPU, so it is exercised on a GPU only.)"""
+    from service.config import Settings
+    from service.inference import load_pipeline
+
+    plain = load_pipeline(Settings.from_env({"ANYDOOR_DEMO": "1", "ANYDOOR_DEVICE": "cpu"}))
+    assert plain.model.model.diffusion_model._compiled_call_impl is None  # type: ignore[attr-defined]
+    compiled = load_pipeline(Settings.from_env({"ANYDOOR_DEMO": "1", "ANYDOOR_DEVICE": "cpu",
+                                                "ANYDOOR_COMPILE": "1"}))
+    model = compiled.model  # type: ignore[attr-defined]
+    assert model.model.diffusion_model._compiled_call_impl is not None
+    assert model.control_model._compiled_call_impl is not None
+    assert set(model.state_dict()) == set(plain.model.state_dict())  # type: ignore[attr-defined]
