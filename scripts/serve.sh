@@ -7,8 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 [ -x .venv/bin/anydoor ] || bash scripts/setup.sh
-weights="${1:-${ANYDOOR_WEIGHTS:-}}"
-[ $# -gt 0 ] && shift
+weights="${ANYDOOR_WEIGHTS:-}"
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then  # a first argument that is not an option is the weights
+  weights="$1"
+  shift
+fi
 if [ -n "$weights" ]; then
   exec .venv/bin/anydoor serve --weights "$weights" "$@"
 fi
