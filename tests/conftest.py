@@ -7,8 +7,11 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -40,6 +43,13 @@ class Case:
 @pytest.fixture(scope="session", params=CASES)
 def case(request: pytest.FixtureRequest) -> Case:
     return Case(request.param)
+
+
+@pytest.fixture(scope="module")
+def client(server: Any) -> Iterator[httpx.Client]:
+    """An HTTP client for the module's own ``server`` fixture (a started service.testing.ServerProcess)."""
+    with httpx.Client(base_url=server.url, timeout=120.0) as c:
+        yield c
 
 
 @pytest.fixture(autouse=True)

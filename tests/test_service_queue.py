@@ -19,12 +19,6 @@ def server() -> Iterator[ServerProcess]:
         yield proc
 
 
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=120.0) as c:
-        yield c
-
-
 def metrics(client: httpx.Client) -> str:
     return client.get("/metrics").text
 
