@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from .anydoor import AnyDoorModel
+from .anydoor import AnyDoorModel, resolve_device
 from .config import AnyDoorConfig, tiny_config
 from .errors import InputError
 from .imageio import DEFAULT_MAX_PIXELS, ImageSource, load_image, load_mask, load_reference
@@ -134,9 +134,8 @@ class AnyDoorPipeline:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = AnyDoorModel(tiny_config())
-        dev = torch.device(device) if device not in (None, "auto") else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
-        return cls(model.to(dev).eval().requires_grad_(False), is_demo=True, weights_name="demo (tiny random)")
+        model = model.to(resolve_device(device)).eval().requires_grad_(False)
+        return cls(model, is_demo=True, weights_name="demo (tiny random)")
 
     def compile_networks(self, **options: Any) -> AnyDoorPipeline:
         """``torch.compile`` the UNet and the ControlNet in place (their keys are unchanged).
@@ -308,6 +307,7 @@ class AnyDoorPipeline:
         guidance = torch.tensor([job.guidance_scale for job, _ in chunk], device=dev).view(-1, 1, 1, 1)
         control = torch.tensor([job.control_strength for job, _ in chunk], device=dev)
         guided_all = all(job.guidance_scale != 1.0 for job, _ in chunk)
+        unguided_all = all(job.guidance_scale == 1.0 for job, _ in chunk)
         x_T = torch.stack([job.noise[i] for job, i in chunk]).to(dev)
         self._add_time(jobs, "encode", time.perf_counter() - t0)
 
@@ -328,7 +328,7 @@ class AnyDoorPipeline:
 
             def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 cond_eps = model.predict_noise(x, t, cond, control_scale=control, guided_hint=guided)
-                if all(job.guidance_scale == 1.0 for job, _ in chunk):
+                if unguided_all:
                     return cond_eps
                 uncond = model.predict_noise(x, t, uncond_tokens, control_scale=control, guided_hint=guided)
                 return uncond + guidance * (cond_eps - uncond)
