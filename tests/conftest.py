@@ -6,7 +6,10 @@ import os
 # (CI has 2 cores) spinning workers of the test process and of the servers it starts starve each other (~5x).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import functools
+import http.server
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,24 @@ def client(server: Any) -> Iterator[httpx.Client]:
     """An HTTP client for the module's own ``server`` fixture (a started service.testing.ServerProcess)."""
     with httpx.Client(base_url=server.url, timeout=120.0) as c:
         yield c
+
+
+class _QuietFileHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        pass
+
+
+@pytest.fixture
+def case_a_http() -> Iterator[str]:
+    """A static HTTP server on 127.0.0.1 serving the case_a fixture files; yields its base URL."""
+    handler = functools.partial(_QuietFileHandler, directory=str(REFERENCE / "case_a"))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_port}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import http.server
 import json
 import math
 import os
@@ -22,9 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -296,24 +293,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class QuietFileHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
-        pass
-
-
-@pytest.fixture
-def weights_url() -> Iterator[str]:
-    handler = functools.partial(QuietFileHandler, directory=str(CASE))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_port}/model.safetensors"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-
-
-def test_image_start_command_downloads_weights_and_passes_its_health_check(weights_url: str, tmp_path: Path) -> None:
+def test_image_start_command_downloads_weights_and_passes_its_health_check(case_a_http: str, tmp_path: Path) -> None:
     """The Dockerfile's CMD and HEALTHCHECK, run with the image's environment, weights downloaded on start."""
     port = free_port()
     bin_dir = str(Path(sys.executable).parent)
@@ -326,7 +306,7 @@ def test_image_start_command_downloads_weights_and_passes_its_health_check(weigh
         "ANYDOOR_PORT": str(port),
         "ANYDOOR_DEVICE": "cpu",
         "ANYDOOR_CACHE_DIR": str(tmp_path / "cache"),
-        "ANYDOOR_WEIGHTS": weights_url,
+        "ANYDOOR_WEIGHTS": f"{case_a_http}/model.safetensors",
         "ANYDOOR_WEIGHTS_SHA256": hashlib.sha256((CASE / "model.safetensors").read_bytes()).hexdigest(),
         "ANYDOOR_CONFIG": str(CASE / "model.yaml"),
         "ANYDOOR_WARMUP_STEPS": "1",

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
-import http.server
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -170,29 +166,11 @@ def test_convert_rejects_a_damaged_checkpoint(tmp_path: Path, capsys: pytest.Cap
     assert "cannot read checkpoint" in capsys.readouterr().err
 
 
-class QuietFileHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
-        pass
-
-
-@pytest.fixture
-def file_server() -> Iterator[str]:
-    handler = functools.partial(QuietFileHandler, directory=str(CASE))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_port}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-
-
 def test_download_command(
-    file_server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    case_a_http: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sha = hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()
-    url = f"{file_server}/model.safetensors"
+    url = f"{case_a_http}/model.safetensors"
     assert anydoor("weights", "download", url, "--sha256", sha, "--dest", str(tmp_path / "w")) == 0
     out = capsys.readouterr()
     assert out.out.strip() == str(tmp_path / "w" / "model.safetensors")
