@@ -2,7 +2,7 @@
 
 One generation is a 512x512 background with one target region and an RGBA reference, given as PNG bytes the way
 uploads arrive, with guidance on (both branches in one forward). Batch 4 is four such requests prepared one after
-another and run together through ``AnyDoorPipeline.run_jobs``, as the service's batcher does. Stage times are the
+another and run together through ``AnyDoorPipeline.run``, as the service's batcher does. Stage times are the
 pipeline's own (``preprocess`` and ``postprocess`` summed over the requests of a batch, ``encode``, ``sample`` and
 ``decode`` shared by them); ``total`` is the wall time from the first request's decoding to the last image.
 
@@ -34,9 +34,10 @@ import torch
 from _common import DTYPES, environment, format_table, median, write_json  # also puts the repo on sys.path
 from PIL import Image
 
-from model.anydoor import AnyDoorModel, resolve_device
 from model.config import PRESETS, AnyDoorConfig, load_config
-from model.pipeline import SAMPLERS, AnyDoorPipeline
+from model.diffusion.samplers import SAMPLERS
+from model.nn.anydoor import AnyDoorModel, resolve_device
+from model.pipeline import AnyDoorPipeline, GenerationInputs, GenerationParams
 
 STAGES = ("preprocess", "encode", "sample", "decode", "postprocess", "total")
 SIZE = 512
@@ -97,7 +98,7 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
     if args.compile:
         model.model.diffusion_model = torch.compile(model.model.diffusion_model)  # type: ignore[assignment]
         model.control_model = torch.compile(model.control_model)  # type: ignore[assignment]
-    pipe = AnyDoorPipeline(model, max_batch=max(8, batch))
+    pipe = AnyDoorPipeline(model, max_batch_items=max(8, batch))
     images = inputs()
     weights_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
     if device.type == "cuda":
@@ -107,9 +108,10 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
 
     def generate(steps: int, seed: int) -> tuple[float, list[dict[str, float]]]:
         start = time.perf_counter()
-        jobs = [pipe.prepare(**images, steps=steps, sampler=args.sampler, guidance_scale=args.guidance_scale,
-                             seed=seed + i) for i in range(batch)]
-        results = pipe.run_jobs(jobs)
+        params = [GenerationParams(steps=steps, sampler=args.sampler, guidance_scale=args.guidance_scale,
+                                   seed=seed + i) for i in range(batch)]
+        jobs = [pipe.prepare(GenerationInputs(**images), p) for p in params]
+        results = pipe.run(jobs)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - start
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="compute dtypes (default: fp16 fp32 on CUDA, fp32 on the CPU)")
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 4], help="requests run together")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    parser.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddim")
     parser.add_argument("--guidance-scale", type=float, default=4.5, help="not 1: guidance on")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up generations per configuration")
     parser.add_argument("--warmup-steps", type=int, default=2, help="steps of each warm-up generation")

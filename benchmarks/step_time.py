@@ -25,8 +25,8 @@ import torch
 from _common import DTYPES, environment, format_table, median, synchronize, timed, write_json  # puts repo on path
 from torch import nn
 
-from model.anydoor import AnyDoorModel
 from model.config import AnyDoorConfig, ControlNetConfig, DinoV2Config, UNetConfig, VAEConfig
+from model.nn.anydoor import AnyDoorModel
 
 CONTEXT_TOKENS = 257  # class token + 16x16 DINOv2 patches
 HEAD_DIM = 64  # SD 2.x: a fixed 64 channels per head

@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from load import CASE_A, run_load, summarize  # noqa: E402  (benchmarks/ is this script's own directory)
 
-from service.testing import ServerProcess, tiny_model_env  # noqa: E402
+from tests.support.server import ServerProcess, tiny_model_env  # noqa: E402
 
 
 def measure(env: dict[str, str], *, clients: int, requests: int, steps: int) -> dict[str, Any]:

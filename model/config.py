@@ -14,6 +14,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+# Compute/storage dtype names, everywhere (settings, flags, conversion); model.nn.anydoor maps them to torch.
+DTYPE_NAMES = ("fp16", "bf16", "fp32")
+
 
 def _check_positive(owner: str, **values: int | float) -> None:
     for name, value in values.items():

@@ -1,24 +1,80 @@
-"""Errors raised for bad user input.
+"""The one error vocabulary: every code a user can be answered with, and the exceptions that carry them.
 
-Every user-facing rejection is an :class:`InputError` that names the offending field, carries a stable machine
-code (``error``) and the HTTP status the service answers with. Internal invariants use ``assert``.
+:class:`ErrorCode` lists each stable machine code with its meaning; the README's error table and the OpenAPI error
+descriptions are generated from it, and a test checks that every code is raised somewhere and every raised code
+is listed. The model layer raises :class:`InputError` ``(field, code, message)`` and knows nothing of HTTP: the
+status each code is answered with is decided in one place, ``service/errors.py``. Internal invariants use
+``assert``.
 """
 
 from __future__ import annotations
 
+import enum
+
+
+class ErrorCode(str, enum.Enum):
+    """A stable error code (the ``error`` of every rejection) with its meaning."""
+
+    def __new__(cls, value: str, meaning: str) -> ErrorCode:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.meaning = meaning  # type: ignore[attr-defined]
+        return member
+
+    meaning: str
+
+    # --- the request itself
+    BAD_REQUEST = "bad_request", "The request could not be read as HTTP or as multipart form data."
+    MISSING_FIELD = "missing_field", "A required field is missing."
+    UNKNOWN_FIELD = "unknown_field", "A field that is not part of the request (the message names the closest one)."
+    INVALID_PARAMETER = "invalid_parameter", "A parameter of the wrong type, not a number, or not one of its choices."
+    OUT_OF_RANGE = "out_of_range", "A parameter outside its bounds."
+    PAYLOAD_TOO_LARGE = "payload_too_large", "A file over the upload limit, or a request body over the body limit."
+    # --- images
+    NOT_AN_IMAGE = "not_an_image", "The data is not an image in a supported format."
+    TRUNCATED_IMAGE = "truncated_image", "The image header is readable but its pixel data is cut short or corrupt."
+    TOO_MANY_PIXELS = "too_many_pixels", "An image over the pixel limit, read from its header before decoding."
+    UNREADABLE_FILE = "unreadable_file", "A file path (Python API, CLI) that cannot be read."
+    INVALID_IMAGE = "invalid_image", "An array given as an image without the (H, W, 3) uint8 layout (Python API)."
+    # --- masks
+    INVALID_MASK = "invalid_mask", "An array given as a mask that is not two-dimensional (Python API)."
+    SIZE_MISMATCH = "size_mismatch", "A mask whose size differs from its image's."
+    EMPTY_MASK = "empty_mask", "A mask with no pixel inside."
+    MASK_TOO_SMALL = "mask_too_small", "A mask (or every region of it) with too few pixels inside."
+    MISSING_MASK = "missing_mask", "A reference without an alpha channel and without a reference mask."
+    # --- targets
+    INVALID_BOX = "invalid_box", "A box that is not four integers `x,y,w,h`, or smaller than the smallest box side."
+    BOX_OUT_OF_IMAGE = "box_out_of_image", "A box that does not lie inside the background."
+    MISSING_TARGET = "missing_target", "Neither a background mask nor a box was given."
+    CONFLICTING_TARGET = "conflicting_target", "Both a background mask and boxes were given."
+    # --- the service
+    UNAUTHORIZED = "unauthorized", "An API key is set and the `Authorization: Bearer` key is missing or wrong."
+    NOT_FOUND = "not_found", "No such route."
+    METHOD_NOT_ALLOWED = "method_not_allowed", "The route does not take this HTTP method."
+    OVERLOADED = "overloaded", "The queue is full; `Retry-After` says when a slot is expected to free."
+    CLIENT_CLOSED_REQUEST = "client_closed_request", "The client went away before its answer (only logged and counted)."
+    QUEUE_TIMEOUT = "queue_timeout", "The request waited in the queue past the queue timeout without starting."
+    NOT_READY = "not_ready", "The model is still loading or warming up."
+    SETUP_FAILED = "setup_failed", "The model failed to load; the message says why."
+    DRAINING = "draining", "The server is shutting down and takes no new requests."
+    SHUTTING_DOWN = "shutting_down", "The shutdown grace period ran out and the request was cancelled."
+    GPU_OUT_OF_MEMORY = "gpu_out_of_memory", "The GPU ran out of memory for this request; the worker goes on."
+    INTERNAL_ERROR = "internal_error", "A bug; the server log has the traceback under the request id."
+
 
 class InputError(ValueError):
-    """Bad input from a user: names the field, has a stable code and an HTTP status."""
+    """Bad input from a user: names the field, carries an :class:`ErrorCode` and a readable message."""
 
-    def __init__(self, field: str, message: str, *, code: str = "invalid_input", status: int = 422) -> None:
-        super().__init__(f"{field}: {message}")
+    def __init__(self, field: str | None, code: ErrorCode, message: str) -> None:
+        if not isinstance(code, ErrorCode):
+            raise TypeError(f"code must be an ErrorCode, got {code!r}")
+        super().__init__(f"{field}: {message}" if field else message)
         self.field = field
-        self.message = message
         self.code = code
-        self.status = status
+        self.message = message
 
-    def to_dict(self) -> dict[str, str]:
-        return {"error": self.code, "field": self.field, "message": self.message}
+    def to_dict(self) -> dict[str, str | None]:
+        return {"error": self.code.value, "field": self.field, "message": str(self)}
 
 
 class CheckpointError(ValueError):

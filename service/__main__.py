@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from service.cli import serve_main
 
-sys.exit(main())
+sys.exit(serve_main())

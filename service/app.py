@@ -25,21 +25,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.pipeline import PARAM_LIMITS
-
-from .config import Settings
-from .errors import ServiceError, error_response
-from .inference import InferenceService
-from .metrics import Metrics
-from .middleware import PredictGate, RequestContextMiddleware, request_id_of
-from .routes import router
-from .worker import Pipeline
+from model.errors import ErrorCode
+from service.api import router
+from service.errors import ServiceError, error_response
+from service.inference import InferenceService
+from service.metrics import Metrics
+from service.middleware import PredictGate, RequestContextMiddleware, request_id_of
+from service.settings import Settings
+from service.worker import Pipeline
 
 log = logging.getLogger("anydoor.service")
 
 API_VERSION = "1.0.0"
-_FILE_FIELDS = ("reference", "background", "reference_mask", "background_mask")
-_STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+# Starlette's own HTTP errors (routing, unreadable bodies) in the service's vocabulary.
+_STATUS_CODES = {400: ErrorCode.BAD_REQUEST, 404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED,
+                 413: ErrorCode.PAYLOAD_TOO_LARGE}
 
 
 def create_app(settings: Settings | None = None, *, load: Callable[[], Pipeline] | None = None) -> FastAPI:
@@ -86,15 +86,14 @@ def create_app(settings: Settings | None = None, *, load: Callable[[], Pipeline]
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        code = _STATUS_CODES.get(exc.status_code, f"http_{exc.status_code}")
-        error = ServiceError(exc.status_code, code, str(exc.detail), reason="validation",
-                             headers=dict(exc.headers or {}))
+        code = _STATUS_CODES.get(exc.status_code, ErrorCode.BAD_REQUEST)
+        error = ServiceError(code, str(exc.detail), headers=dict(exc.headers or {}))
         return error_response(error, request_id_of(request.scope), count(request))
 
     async def on_unexpected_error(request: Request, exc: Exception) -> Response:
         log.error("request %s failed", request_id_of(request.scope), exc_info=exc)
-        error = ServiceError(500, "internal_error", "unexpected error; the server log has the details under this "
-                             "request id", reason="internal")
+        error = ServiceError(ErrorCode.INTERNAL_ERROR, "unexpected error; the server log has the details under "
+                             "this request id")
         return error_response(error, request_id_of(request.scope), count(request))
 
     app.add_exception_handler(ServiceError, on_service_error)
@@ -105,31 +104,20 @@ def create_app(settings: Settings | None = None, *, load: Callable[[], Pipeline]
 
 
 def _from_validation_error(exc: RequestValidationError) -> ServiceError:
-    """FastAPI's form validation errors, as the service's error body: the first problem, and all of them."""
+    """FastAPI's own validation errors (routes other than /predict, whose form is parsed by the spec)."""
     problems: list[dict[str, Any]] = []
+    codes: list[ErrorCode] = []
     for err in exc.errors():
-        names = [part for part in err.get("loc", ()) if isinstance(part, str) and part != "body"]
+        names = [part for part in err.get("loc", ()) if isinstance(part, str) and part not in ("body", "query")]
         field = names[0] if names else None
-        kind = str(err.get("type", ""))
-        given = err.get("input")
-        if kind == "missing":
-            code, message = "missing_field", "is required"
-        elif field in _FILE_FIELDS:
-            code, message = "invalid_parameter", "must be a file upload (a multipart part with a filename)"
-        elif kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than", "finite_number") and (
-            field in PARAM_LIMITS
-        ):
-            low, high = PARAM_LIMITS[field]
-            code, message = "out_of_range", f"must be between {low:g} and {high:g}, got {given!r}"
-        elif kind.endswith("_parsing") or kind.endswith("_type"):
-            code, message = "invalid_parameter", f"{err.get('msg', 'invalid value')}, got {given!r}"
-        else:
-            code, message = "invalid_parameter", str(err.get("msg", "invalid value"))
-        problems.append({"error": code, "field": field, "message": f"{field}: {message}" if field else message})
+        code = ErrorCode.MISSING_FIELD if err.get("type") == "missing" else ErrorCode.INVALID_PARAMETER
+        message = str(err.get("msg", "invalid value"))
+        codes.append(code)
+        problems.append({"error": code.value, "field": field, "message": f"{field}: {message}" if field else message})
     if not problems:
-        return ServiceError(422, "invalid_parameter", "invalid request")
+        return ServiceError(ErrorCode.INVALID_PARAMETER, "invalid request")
     first = problems[0]
-    return ServiceError(422, str(first["error"]), str(first["message"]), field=first["field"],
+    return ServiceError(codes[0], str(first["message"]), field=first["field"],
                         errors=problems if len(problems) > 1 else None)
 
 

@@ -1,4 +1,7 @@
-"""``anydoor serve`` (and ``python -m service``): run the HTTP service under uvicorn.
+"""The ``anydoor`` command line, and ``anydoor serve`` (also ``python -m service``): the HTTP service under uvicorn.
+
+This is the top of the import graph, the one module that assembles both sides: the model-side subcommands
+(``generate``, ``weights``, from :mod:`model.cli`) and ``serve``, registered explicitly in :func:`build_parser`.
 
 Every flag is generated from :class:`service.config.Settings`, whose fields also name the environment variable
 each flag overrides; ``--help`` shows both. Secrets (the API key) are read from the environment only.
@@ -17,7 +20,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import MISSING, fields
 from typing import Any
 
-from .config import Settings, SettingsError
+from model.cli import generate as generate_command
+from model.cli import weights as weights_command
+from service.settings import Settings, SettingsError
 
 DESCRIPTION = (
     "Serve AnyDoor over HTTP: POST /predict, health checks and Prometheus metrics. The model is loaded once and "
@@ -77,7 +82,7 @@ def serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from .app import create_app
+    from service.app import create_app
 
     app = create_app(settings)
     config = uvicorn.Config(
@@ -115,7 +120,31 @@ def _sigterm_exits_cleanly(server: Any) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``anydoor`` parser: ``generate``, ``weights convert|download``, ``serve``, in --help order."""
+    parser = argparse.ArgumentParser(
+        prog="anydoor",
+        description="AnyDoor Serve: zero-shot object insertion (generate, convert/download weights, serve HTTP).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    generate_command.register(sub)
+    weights_command.register(sub)
+    register(sub)
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """``anydoor``."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+def serve_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m service``: the same as ``anydoor serve``."""
     parser = argparse.ArgumentParser(prog="python -m service", description=DESCRIPTION)
     add_arguments(parser)
     args = parser.parse_args(argv)
@@ -123,3 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(args)
     except KeyboardInterrupt:
         return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

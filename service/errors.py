@@ -1,8 +1,9 @@
-"""Every rejection the service makes: an HTTP status, a stable ``error`` code, the field at fault, a message.
+"""Every rejection the service makes, and the one place that maps error codes to HTTP statuses.
 
-:class:`ServiceError` subclasses Starlette's ``HTTPException`` so that one raised while the body is being read
-(the upload size limit, counted in :mod:`service.middleware`) passes through FastAPI's body parsing untouched.
-Each error also names the metrics ``reason`` it is counted under (see :data:`service.metrics.FAILURE_REASONS`).
+The codes and their meanings are :class:`model.errors.ErrorCode`; :data:`HTTP_STATUS` gives each its status and
+the metrics ``reason`` it is counted under (see :data:`service.metrics.FAILURE_REASONS`). :class:`ServiceError`
+subclasses Starlette's ``HTTPException`` so that one raised while the body is being read (the upload size limit,
+counted in :mod:`service.middleware`) passes through FastAPI's body parsing untouched.
 """
 
 from __future__ import annotations
@@ -12,25 +13,64 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
-from model.errors import InputError
+from model.errors import ErrorCode, InputError
+from service.metrics import Metrics
 
-from .metrics import Metrics
+C = ErrorCode
+# code -> (HTTP status, metrics reason). Every ErrorCode has an entry (a test checks it).
+HTTP_STATUS: dict[ErrorCode, tuple[int, str]] = {
+    C.BAD_REQUEST: (400, "validation"),
+    C.MISSING_FIELD: (422, "validation"),
+    C.UNKNOWN_FIELD: (422, "validation"),
+    C.INVALID_PARAMETER: (422, "validation"),
+    C.OUT_OF_RANGE: (422, "validation"),
+    C.PAYLOAD_TOO_LARGE: (413, "validation"),
+    C.NOT_AN_IMAGE: (422, "validation"),
+    C.TRUNCATED_IMAGE: (422, "validation"),
+    C.TOO_MANY_PIXELS: (422, "validation"),
+    C.UNREADABLE_FILE: (422, "validation"),
+    C.INVALID_IMAGE: (422, "validation"),
+    C.INVALID_MASK: (422, "validation"),
+    C.SIZE_MISMATCH: (422, "validation"),
+    C.EMPTY_MASK: (422, "validation"),
+    C.MASK_TOO_SMALL: (422, "validation"),
+    C.MISSING_MASK: (422, "validation"),
+    C.INVALID_BOX: (422, "validation"),
+    C.BOX_OUT_OF_IMAGE: (422, "validation"),
+    C.MISSING_TARGET: (422, "validation"),
+    C.CONFLICTING_TARGET: (422, "validation"),
+    C.UNAUTHORIZED: (401, "unauthorized"),
+    C.NOT_FOUND: (404, "validation"),
+    C.METHOD_NOT_ALLOWED: (405, "validation"),
+    C.OVERLOADED: (429, "overloaded"),
+    C.CLIENT_CLOSED_REQUEST: (499, "cancelled"),
+    C.QUEUE_TIMEOUT: (504, "timeout"),
+    C.NOT_READY: (503, "unavailable"),
+    C.SETUP_FAILED: (503, "unavailable"),
+    C.DRAINING: (503, "unavailable"),
+    C.SHUTTING_DOWN: (503, "cancelled"),
+    C.GPU_OUT_OF_MEMORY: (503, "oom"),
+    C.INTERNAL_ERROR: (500, "internal"),
+}
+
+
+def status_of(code: ErrorCode) -> int:
+    return HTTP_STATUS[code][0]
 
 
 class ServiceError(HTTPException):
     def __init__(
         self,
-        status: int,
-        code: str,
+        code: ErrorCode,
         message: str,
         *,
         field: str | None = None,
-        reason: str = "validation",
         headers: dict[str, str] | None = None,
         errors: list[dict[str, Any]] | None = None,
     ) -> None:
         if field and not message.startswith(f"{field}:"):
             message = f"{field}: {message}"  # the message names the field, for people reading it
+        status, reason = HTTP_STATUS[code]
         super().__init__(status_code=status, detail=message, headers=headers)
         self.status = status
         self.code = code
@@ -40,10 +80,10 @@ class ServiceError(HTTPException):
         self.errors = errors
 
     def __str__(self) -> str:
-        return f"{self.status} {self.code}: {self.message}"
+        return f"{self.status} {self.code.value}: {self.message}"
 
     def body(self, request_id: str | None) -> dict[str, Any]:
-        body: dict[str, Any] = {"error": self.code, "field": self.field, "message": self.message,
+        body: dict[str, Any] = {"error": self.code.value, "field": self.field, "message": self.message,
                                 "request_id": request_id}
         if self.errors:
             body["errors"] = self.errors
@@ -51,8 +91,7 @@ class ServiceError(HTTPException):
 
     @classmethod
     def from_input_error(cls, exc: InputError) -> ServiceError:
-        status = exc.status if 400 <= exc.status < 500 else 422
-        return cls(status, exc.code, exc.message, field=exc.field, reason="validation")
+        return cls(exc.code, exc.message, field=exc.field)
 
 
 def error_response(exc: ServiceError, request_id: str | None, metrics: Metrics | None) -> JSONResponse:
@@ -64,31 +103,48 @@ def error_response(exc: ServiceError, request_id: str | None, metrics: Metrics |
     return JSONResponse(exc.body(request_id), status_code=exc.status, headers=headers)
 
 
+def error_table() -> str:
+    """The Markdown table of every error code, its HTTP status and meaning, as the README shows it."""
+    rows = ["| Status | `error` | Meaning |", "| --- | --- | --- |"]
+    for code in sorted(ErrorCode, key=lambda c: (status_of(c), list(ErrorCode).index(c))):
+        rows.append(f"| {status_of(code)} | `{code.value}` | {code.meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+def codes_with_status(status: int) -> list[ErrorCode]:
+    return [code for code in ErrorCode if status_of(code) == status]
+
+
 # --- the errors raised in more than one place ----------------------------------------------------------------
 
 
 def payload_too_large(field: str, size: int | None, limit: int) -> ServiceError:
     got = f"{size} bytes" if size is not None else "more"
     what = "the request body" if field == "body" else "the file"
-    return ServiceError(413, "payload_too_large", f"{what} is {got}; at most {limit} bytes are accepted",
-                        field=field)
+    return ServiceError(C.PAYLOAD_TOO_LARGE, f"{what} is {got}; at most {limit} bytes are accepted", field=field)
 
 
 def overloaded(retry_after_s: int) -> ServiceError:
-    return ServiceError(429, "overloaded", "the request queue is full; retry later", reason="overloaded",
+    return ServiceError(C.OVERLOADED, "the request queue is full; retry later",
                         headers={"Retry-After": str(retry_after_s)})
 
 
 def queue_timeout(waited_s: float) -> ServiceError:
-    return ServiceError(504, "queue_timeout", f"the request waited {waited_s:.1f} s in the queue without starting",
-                        reason="timeout")
+    return ServiceError(C.QUEUE_TIMEOUT, f"the request waited {waited_s:.1f} s in the queue without starting")
 
 
 def generation_failed() -> ServiceError:
-    return ServiceError(500, "internal_error", "the generation failed unexpectedly; the server log has the details "
-                        "under this request id", reason="internal")
+    return ServiceError(C.INTERNAL_ERROR, "the generation failed unexpectedly; the server log has the details "
+                        "under this request id")
 
 
 def shutting_down() -> ServiceError:
-    return ServiceError(503, "shutting_down", "the server is shutting down; the request was cancelled, retry "
-                        "elsewhere", reason="cancelled")
+    return ServiceError(C.SHUTTING_DOWN, "the server is shutting down; the request was cancelled, retry elsewhere")
+
+
+def client_gone() -> ServiceError:
+    return ServiceError(C.CLIENT_CLOSED_REQUEST, "the client closed the connection")
+
+
+if __name__ == "__main__":
+    print(error_table(), end="")

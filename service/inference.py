@@ -10,83 +10,50 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import anyio
 from starlette.types import Receive
 
-from model.errors import InputError
-from model.regions import Box
-
-from .config import Settings
-from .errors import ServiceError, overloaded, queue_timeout
-from .metrics import STAGES, Metrics
-from .worker import GpuWorker, Outcome, Pipeline, QueuedJob, WorkerState, client_gone
+from model.errors import ErrorCode, InputError
+from model.pipeline import STAGES, GenerationInputs, GenerationParams
+from model.pipeline.result import server_timing
+from service.errors import ServiceError, client_gone, overloaded, queue_timeout
+from service.metrics import Metrics
+from service.settings import Settings
+from service.worker import GpuWorker, Outcome, Pipeline, QueuedJob, WorkerState
 
 log = logging.getLogger("anydoor.service")
 
-TIMING_ORDER = ("queue", *STAGES, "total")
 # Decoding and preprocessing run in threads beside the GPU worker; more at once than this only adds contention.
 CPU_CONCURRENCY = 4
 
 
-def load_pipeline(settings: Settings) -> Pipeline:
-    """Build the pipeline the settings ask for: the demo model, or weights from a file or URL."""
-    from model.pipeline import AnyDoorPipeline
-
-    device = None if settings.device == "auto" else settings.device
-    if settings.demo:
-        pipe = AnyDoorPipeline.demo(device=device)
-        return pipe.compile_networks() if settings.compile else pipe
-    assert settings.weights is not None  # Settings guarantees weights or demo
-    weights: str | Path = settings.weights
-    if re.match(r"^https?://", settings.weights, re.IGNORECASE) or settings.weights_sha256:
-        from model.download import resolve_weights
-
-        cache_dir = Path(settings.cache_dir).expanduser() if settings.cache_dir else None
-        weights = resolve_weights(settings.weights, sha256=settings.weights_sha256, cache_dir=cache_dir)
-    pipe = AnyDoorPipeline.from_pretrained(
-        Path(weights).expanduser(), config=settings.config, device=device,
-        dtype=None if settings.dtype == "auto" else settings.dtype,
-    )
-    return pipe.compile_networks() if settings.compile else pipe
-
-
-@dataclass
-class PredictParams:
-    """One /predict request after its upload: encoded images and the generation parameters."""
-
-    reference: bytes
-    background: bytes
-    reference_mask: bytes | None = None
-    background_mask: bytes | None = None
-    boxes: list[Box] | None = None
-    steps: int = 50
-    guidance_scale: float = 4.5
-    control_strength: float = 1.0
-    shape_control: bool = False
-    seed: int | None = None
-    sampler: str = "ddim"
-
-
-@dataclass
+@dataclass(frozen=True)
 class Prediction:
     png: bytes
     seed: int
     width: int
     height: int
     regions: int
+    boxes: tuple[tuple[int, int, int, int], ...]
     demo: bool
-    timings: dict[str, float]  # seconds, keys in TIMING_ORDER
+    timings: dict[str, float]  # seconds, keys in TIMING_NAMES
 
     def server_timing(self) -> str:
-        """The ``Server-Timing`` header (https://www.w3.org/TR/server-timing/), durations in milliseconds."""
-        return ", ".join(f"{name};dur={self.timings[name] * 1000:.1f}" for name in TIMING_ORDER)
+        return server_timing(self.timings)
+
+
+def load_from_settings(settings: Settings) -> Pipeline:
+    """The pipeline the settings ask for (:func:`model.pipeline.loader.load_pipeline`)."""
+    from model.pipeline.loader import load_pipeline
+
+    return load_pipeline(settings.weights, demo=settings.demo, config=settings.config, device=settings.device,
+                         dtype=settings.dtype, sha256=settings.weights_sha256, cache_dir=settings.cache_dir,
+                         compile=settings.compile)
 
 
 class InferenceService:
@@ -94,7 +61,7 @@ class InferenceService:
         self.settings = settings
         self.metrics = metrics
         self.worker = GpuWorker(
-            load or functools.partial(load_pipeline, settings),
+            load or functools.partial(load_from_settings, settings),
             max_queue=settings.max_queue, metrics=metrics, warmup_steps=settings.warmup_steps,
             max_batch=settings.max_batch, batch_delay_s=settings.max_batch_delay_ms / 1000,
         )
@@ -152,30 +119,30 @@ class InferenceService:
     def admission_error(self) -> ServiceError | None:
         """Why a /predict request cannot come in right now, checked before its body is read; None if it can."""
         if self.draining or self.worker.state is WorkerState.STOPPED:
-            return ServiceError(503, "draining", "the server is shutting down and takes no new requests",
-                                reason="unavailable")
+            return ServiceError(ErrorCode.DRAINING, "the server is shutting down and takes no new requests")
         if self.worker.state is WorkerState.STARTING:
-            return ServiceError(503, "not_ready", "the model is still loading; retry shortly", reason="unavailable",
+            return ServiceError(ErrorCode.NOT_READY, "the model is still loading; retry shortly",
                                 headers={"Retry-After": "5"})
         if self.worker.state is WorkerState.FAILED:
-            return ServiceError(503, "setup_failed", f"the model failed to load: {self.worker.setup_error}",
-                                reason="unavailable")
+            return ServiceError(ErrorCode.SETUP_FAILED, f"the model failed to load: {self.worker.setup_error}")
         if self.worker.queue_full:
             return overloaded(self.worker.retry_after_s())
         return None
 
     # --- one request ----------------------------------------------------------------------------------------
 
-    async def predict(self, params: PredictParams, *, request_id: str, receive: Receive) -> Prediction:
+    async def predict(self, inputs: GenerationInputs, params: GenerationParams, *, request_id: str,
+                      receive: Receive) -> Prediction:
         """Preprocess, queue, wait for the GPU worker, encode the PNG.
 
         ``receive`` is the request's ASGI receive channel (the body is already read): it is watched for the
         client's disconnect, which takes the job out of the queue or stops it at the next denoising step.
         """
         with self.metrics.in_flight.track_inprogress():
-            return await self._predict(params, request_id=request_id, receive=receive)
+            return await self._predict(inputs, params, request_id=request_id, receive=receive)
 
-    async def _predict(self, params: PredictParams, *, request_id: str, receive: Receive) -> Prediction:
+    async def _predict(self, inputs: GenerationInputs, params: GenerationParams, *, request_id: str,
+                       receive: Receive) -> Prediction:
         t0 = time.perf_counter()
         error = self.admission_error()  # again: draining may have begun during the upload
         if error is not None:
@@ -183,14 +150,7 @@ class InferenceService:
         assert self._limiter is not None
         try:
             work = await anyio.to_thread.run_sync(
-                functools.partial(
-                    self.worker.prepare, reference=params.reference, background=params.background,
-                    reference_mask=params.reference_mask, background_mask=params.background_mask, boxes=params.boxes,
-                    steps=params.steps, guidance_scale=params.guidance_scale,
-                    control_strength=params.control_strength, shape_control=params.shape_control, seed=params.seed,
-                    sampler=params.sampler,
-                    max_pixels=self.settings.max_pixels,
-                ),
+                functools.partial(self.worker.prepare, inputs, params, max_pixels=self.settings.max_pixels),
                 limiter=self._limiter,
             )
         except InputError as exc:
@@ -216,7 +176,8 @@ class InferenceService:
             self.metrics.stage_duration.labels(stage).observe(timings[stage])
         self.metrics.inference_duration.observe(timings["total"])
         width, height = outcome.image.size
-        return Prediction(png, outcome.seed, width, height, outcome.regions, outcome.is_demo, timings)
+        return Prediction(png, outcome.seed, width, height, outcome.regions, tuple(outcome.boxes), outcome.is_demo,
+                          timings)
 
     async def _wait(self, job: QueuedJob, receive: Receive) -> Outcome:
         """The job's outcome; raises 499 if the client leaves, 504 if the job does not start in time."""

@@ -18,9 +18,10 @@ import uuid
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import ServiceError, error_response, payload_too_large
-from .inference import InferenceService
-from .metrics import Metrics
+from model.errors import ErrorCode
+from service.errors import ServiceError, error_response, payload_too_large
+from service.inference import InferenceService
+from service.metrics import Metrics
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # A client's id is echoed only if it is short and plain: it ends up in headers and logs.
@@ -106,8 +107,8 @@ class PredictGate:
 
     def _admission(self, headers: Headers) -> ServiceError | None:
         if self._key_digest is not None and not self._authorized(headers.get("authorization", "")):
-            return ServiceError(401, "unauthorized", "missing or wrong API key; send `Authorization: Bearer <key>`",
-                                field="Authorization", reason="unauthorized", headers={"WWW-Authenticate": "Bearer"})
+            return ServiceError(ErrorCode.UNAUTHORIZED, "missing or wrong API key; send `Authorization: Bearer <key>`",
+                                field="Authorization", headers={"WWW-Authenticate": "Bearer"})
         length = headers.get("content-length")
         limit = self.service.settings.max_body_bytes
         if length is not None and length.isdigit() and int(length) > limit:

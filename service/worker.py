@@ -1,25 +1,27 @@
 """The GPU worker: one thread owns the model, takes jobs off a bounded queue and runs them one after the other.
 
 Requests are validated and preprocessed on the request's side (CPU, :meth:`GpuWorker.prepare`); only the
-encode/sample/decode part (:meth:`AnyDoorPipeline.run_jobs`) runs on this thread, so blocking GPU work never
+encode/sample/decode part (:meth:`AnyDoorPipeline.run`) runs on this thread, so blocking GPU work never
 touches the event loop and a bad upload is rejected without waiting in the queue. Results go back to the waiting
 request through its asyncio future (``call_soon_threadsafe``).
 
 The queue is a deque under a condition variable rather than a ``queue.Queue`` because jobs must be removable
 from the middle: a client that disconnects, or that waited past its deadline, is taken out before it costs GPU
-time. A running job is stopped at the next denoising step through the pipeline's ``should_cancel`` check.
+time. A running job is stopped at the next denoising step through the ``should_cancel`` check handed to ``run``.
 
 Dynamic batching: :meth:`GpuWorker._take_jobs` takes the oldest job, then further queued jobs that can share its
-batch (same step count and sampler), waiting up to ``batch_delay_s`` for them, until the batch holds ``max_batch``
-target regions; :meth:`GpuWorker._run` hands them to ``run_jobs`` together. Each job keeps its own seed, guidance
-scale and control strength, so its image is the one it would get alone (within float tolerance). A batch stops
-early only when every job in it is cancelled; a job whose client left mid-batch is answered 499 at the end.
+batch (the same :attr:`Job.batch_key`: step count and sampler), waiting up to ``batch_delay_s`` for them, until
+the batch holds ``max_batch`` target regions; :meth:`GpuWorker._run` hands them to ``run`` together. Each job
+keeps its own seed, guidance scale and control strength, so its image is the one it would get alone (within float
+tolerance). A batch stops early only when every job in it is cancelled; a job whose client left mid-batch is
+answered 499 at the end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import gc
 import logging
 import math
@@ -28,17 +30,25 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from model.errors import Cancelled, InputError
-from model.pipeline import GenerationResult
-from model.pipeline import Job as PipelineJob
-
-from .errors import ServiceError, generation_failed, overloaded, queue_timeout, shutting_down
-from .metrics import Metrics
+from model.diffusion.samplers import ProgressFn
+from model.errors import Cancelled, ErrorCode, InputError
+from model.nn.anydoor import dtype_name
+from model.pipeline import GenerationInputs, GenerationParams, GenerationResult, Job
+from model.pipeline.warmup import warmup_request
+from service.errors import (
+    ServiceError,
+    client_gone,
+    generation_failed,
+    overloaded,
+    queue_timeout,
+    shutting_down,
+)
+from service.metrics import Metrics
 
 log = logging.getLogger("anydoor.service.worker")
 
@@ -60,9 +70,11 @@ class Pipeline(Protocol):
     @property
     def dtype(self) -> torch.dtype: ...
 
-    def prepare(self, *args: Any, **kwargs: Any) -> PipelineJob: ...
+    def prepare(self, inputs: GenerationInputs, params: GenerationParams, *,
+                max_pixels: int | None = None) -> Job: ...
 
-    def run_jobs(self, jobs: Sequence[PipelineJob]) -> list[GenerationResult]: ...
+    def run(self, jobs: Sequence[Job], *, progress: ProgressFn | None = None,
+            should_cancel: Callable[[], bool] | None = None) -> list[GenerationResult]: ...
 
 
 class WorkerState(str, enum.Enum):
@@ -78,7 +90,7 @@ Outcome = GenerationResult | ServiceError
 @dataclass(eq=False)  # identity semantics: removal from the queue must find this very job
 class QueuedJob:
     request_id: str
-    work: PipelineJob
+    work: Job
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Outcome]
     deadline: float  # time.monotonic() by which the job must have started
@@ -97,10 +109,6 @@ class QueuedJob:
             self.loop.call_soon_threadsafe(deliver)
         except RuntimeError:  # the event loop is closed: nobody is waiting any more
             pass
-
-
-def client_gone() -> ServiceError:
-    return ServiceError(499, "client_closed_request", "the client closed the connection", reason="cancelled")
 
 
 class GpuWorker:
@@ -158,12 +166,12 @@ class GpuWorker:
 
     # --- the request side -------------------------------------------------------------------------------------
 
-    def prepare(self, **kwargs: Any) -> PipelineJob:
+    def prepare(self, inputs: GenerationInputs, params: GenerationParams, *, max_pixels: int) -> Job:
         """Validate and preprocess one request (CPU only, any thread): :meth:`AnyDoorPipeline.prepare`."""
         pipe = self.pipeline
         if pipe is None:
             raise RuntimeError("the model is not loaded yet")
-        return pipe.prepare(**kwargs)
+        return pipe.prepare(inputs, params, max_pixels=max_pixels)
 
     def submit(self, job: QueuedJob) -> None:
         """Queue ``job``; raise 429 ``overloaded`` when the queue is full, 503 when shutting down."""
@@ -172,8 +180,6 @@ class GpuWorker:
                 raise shutting_down()
             if len(self._queue) >= self.max_queue:
                 raise overloaded(self.retry_after_s())
-            job.work.progress = self._on_step
-            job.work.should_cancel = lambda: job.cancel_event.is_set() or self._drain_expired()
             self._queue.append(job)
             self._cond.notify()
 
@@ -229,13 +235,12 @@ class GpuWorker:
         log.info("loaded %s on %s (%s) in %.1f s%s", pipe.weights_name, pipe.device, pipe.dtype,
                  time.perf_counter() - t0, " [DEMO MODE: tiny random model]" if pipe.is_demo else "")
         self._metrics.set_model(weights=pipe.weights_name, device=str(pipe.device),
-                                dtype=str(pipe.dtype).removeprefix("torch."), demo=pipe.is_demo)
+                                dtype=dtype_name(pipe.dtype), demo=pipe.is_demo)
         t0 = time.perf_counter()
-        reference, background, box = _warmup_inputs()
-        work = pipe.prepare(reference=reference, background=background, boxes=[box], steps=self._warmup_steps,
-                            seed=0)
-        result = pipe.run_jobs([work])[0]
-        assert result.image.size == (background.shape[1], background.shape[0])
+        inputs, params = warmup_request(self._warmup_steps)
+        result = pipe.run([pipe.prepare(inputs, params)])[0]
+        background = inputs.background
+        assert isinstance(background, np.ndarray) and result.image.size == background.shape[1::-1]
         self._job_seconds = time.perf_counter() - t0
         log.info("warm-up generation (%d steps) passed in %.2f s", self._warmup_steps, self._job_seconds)
         self.pipeline = pipe
@@ -258,13 +263,13 @@ class GpuWorker:
                     self._cond.wait()
             taken = [first]
             size = len(first.work.regions)
-            key = _batch_key(first)
+            key = first.work.batch_key
             wait_until = time.monotonic() + self.batch_delay_s
             while size < self.max_batch:
                 room = self.max_batch - size
 
                 def fits(job: QueuedJob, room: int = room) -> bool:
-                    return _batch_key(job) == key and len(job.work.regions) <= room
+                    return job.work.batch_key == key and len(job.work.regions) <= room
 
                 job = self._pop_startable(fits)
                 if job is not None:
@@ -314,9 +319,10 @@ class GpuWorker:
         failure: ServiceError | None = None
         out_of_memory = False
         try:
-            outputs = pipe.run_jobs([job.work for job in jobs])
+            outputs = pipe.run([job.work for job in jobs], progress=self._on_step,
+                               should_cancel=functools.partial(self._batch_cancelled, jobs))
             if len(outputs) != len(jobs):
-                raise RuntimeError(f"run_jobs returned {len(outputs)} results for {len(jobs)} jobs")
+                raise RuntimeError(f"run returned {len(outputs)} results for {len(jobs)} jobs")
             results = outputs
         except Cancelled:
             failure = shutting_down() if self._drain_expired() else client_gone()
@@ -326,8 +332,8 @@ class GpuWorker:
         except OOM_ERRORS:
             out_of_memory = True
             log.error("GPU out of memory running %s; the cache is emptied and the worker goes on", _ids(jobs))
-            failure = ServiceError(503, "gpu_out_of_memory", "the GPU ran out of memory for this request; retry",
-                                   reason="oom", headers={"Retry-After": "1"})
+            failure = ServiceError(ErrorCode.GPU_OUT_OF_MEMORY, "the GPU ran out of memory for this request; retry",
+                                   headers={"Retry-After": "1"})
         except Exception:
             log.exception("generation failed for %s", _ids(jobs))
             failure = generation_failed()
@@ -352,25 +358,14 @@ class GpuWorker:
     def _on_step(self, step: int, total: int, t: int) -> None:
         self._metrics.steps.inc()
 
+    def _batch_cancelled(self, jobs: Sequence[QueuedJob]) -> bool:
+        """A batch stops only when every job in it is cancelled (or the grace period is over)."""
+        return self._drain_expired() or all(job.cancel_event.is_set() for job in jobs)
+
     def _drain_expired(self, now: float | None = None) -> bool:
         deadline = self._drain_deadline
         return deadline is not None and (time.monotonic() if now is None else now) >= deadline
 
 
-def _batch_key(job: QueuedJob) -> tuple[object, ...]:
-    """Jobs run in one batch only with the same denoising schedule."""
-    return (job.work.steps, getattr(job.work, "sampler", "ddim"))
-
-
 def _ids(jobs: Sequence[QueuedJob]) -> str:
     return ", ".join(f"request {job.request_id}" for job in jobs)
-
-
-def _warmup_inputs() -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
-    """A small synthetic request: an RGBA cut-out (alpha is the mask), a background with a gradient, a box."""
-    reference = np.full((96, 96, 4), 255, dtype=np.uint8)
-    reference[..., 3] = 0
-    reference[16:80, 24:72] = (200, 60, 40, 255)
-    ramp = np.linspace(40, 200, 320, dtype=np.float32)
-    background = np.repeat(np.repeat(ramp[None, :, None], 256, axis=0), 3, axis=2).astype(np.uint8)
-    return reference, background, (96, 64, 128, 128)

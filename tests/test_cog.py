@@ -8,7 +8,6 @@ interpreter goes first on ``PATH``. One server is shared by the module (start-up
 from __future__ import annotations
 
 import base64
-import inspect
 import io
 import json
 import os
@@ -28,14 +27,13 @@ import pytest
 import yaml
 from PIL import Image
 
-from service import routes
+from model.pipeline import INPUT_FIELDS, param_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 CASE = ROOT / "tests" / "fixtures" / "reference" / "case_a"
 COG_YAML = yaml.safe_load((ROOT / "cog.yaml").read_text())
-# The fields of the service's POST /predict, read off its route: the predictor must take the same ones.
-PREDICT_FIELDS = tuple(name for name in inspect.signature(routes.predict).parameters
-                       if name not in ("request", "service"))
+# The request spec's fields: the predictor must take exactly these.
+PREDICT_FIELDS = (*(f.name for f in INPUT_FIELDS), *(s.name for s in param_specs()))
 
 cog = pytest.importorskip("cog", reason="the Cog SDK is a test dependency: pip install cog==0.23.1")
 
@@ -221,23 +219,28 @@ def predictor_info() -> Any:
         sys.path.remove(str(ROOT))
 
 
-def test_inputs_are_the_predict_fields_with_descriptions_bounds_and_defaults(predictor_info: Any) -> None:
-    from model.pipeline import DEFAULT_CONTROL_STRENGTH, DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, PARAM_LIMITS, SAMPLERS
-
+def test_inputs_are_the_spec_fields_with_its_types_bounds_defaults_and_choices(predictor_info: Any) -> None:
     fields = predictor_info.inputs
     assert sorted(fields) == sorted(PREDICT_FIELDS)
-    assert all(field.description for field in fields.values())
-    for name in ("steps", "guidance_scale", "control_strength", "seed"):
-        # Cog stores bounds as floats (the JSON schema's minimum/maximum).
-        assert (float(fields[name].ge), float(fields[name].le)) == tuple(map(float, PARAM_LIMITS[name])), name
-    assert fields["steps"].default == DEFAULT_STEPS
-    assert fields["guidance_scale"].default == DEFAULT_GUIDANCE_SCALE
-    assert fields["control_strength"].default == DEFAULT_CONTROL_STRENGTH
-    assert fields["shape_control"].default is False
-    for name in ("reference_mask", "background_mask", "box", "seed"):
-        assert fields[name].default is None, name
-    assert fields["sampler"].default == "ddim"
-    assert sorted(fields["sampler"].choices) == sorted(SAMPLERS)
+    for f in INPUT_FIELDS:
+        assert fields[f.name].description == f.help
+        if not f.required:
+            assert fields[f.name].default is None, f.name
+    for spec in param_specs():
+        field = fields[spec.name]
+        assert field.description == spec.help, spec.name
+        assert field.default == spec.default, spec.name
+        if spec.ge is not None:
+            # Cog stores bounds as floats (the JSON schema's minimum/maximum).
+            assert (float(field.ge), float(field.le)) == (float(spec.ge), float(spec.le)), spec.name
+        if spec.choices:
+            assert list(field.choices) == list(spec.choices)
+    # The annotations Cog reads are the spec's types.
+    import typing
+
+    hints = typing.get_type_hints(_load_predict_module().Predictor.run)
+    for spec in param_specs():
+        assert spec.python_type in (hints[spec.name], *typing.get_args(hints[spec.name])), spec.name
 
 
 def test_a_built_image_enforces_the_bounds(predictor_info: Any) -> None:
@@ -292,7 +295,7 @@ def _load_predict_module() -> Any:
 
 
 def test_setup_without_weights_says_what_to_set(monkeypatch: pytest.MonkeyPatch) -> None:
-    from service.config import SettingsError
+    from service.settings import SettingsError
 
     for name in list(os.environ):
         if name.startswith("ANYDOOR_"):

@@ -30,8 +30,8 @@ import pytest
 import yaml
 
 from service.app import create_app
-from service.config import Settings
 from service.metrics import Metrics
+from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "kubernetes"
@@ -320,7 +320,7 @@ def test_image_start_command_downloads_weights_and_passes_its_health_check(case_
 
     command = dockerfile_cmd()
     if command[0] == "anydoor" and shutil.which("anydoor", path=bin_dir) is None:
-        command = [sys.executable, "-m", "model.cli", *command[1:]]  # not pip-installed: run it from the source
+        command = [sys.executable, "-m", "service.cli", *command[1:]]  # not pip-installed: run it from the source
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)

@@ -11,7 +11,7 @@ from conftest import REFERENCE, Case, rel_l2
 from safetensors.torch import load_file
 
 from model.config import DinoV2Config, load_config
-from model.dinov2 import DinoV2Encoder, swiglu_hidden_width
+from model.nn.dinov2 import DinoV2Encoder, swiglu_hidden_width
 
 PREFIX = "cond_stage_model."
 

@@ -1,4 +1,4 @@
-"""model.download against a real HTTP server on 127.0.0.1 serving the tiny reference weights."""
+"""model.weights.download against a real HTTP server on 127.0.0.1 serving the tiny reference weights."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-import model.download
-from model.download import (
+import model.weights.download
+from model.progress import ProgressBar
+from model.weights.download import (
     ChecksumError,
     DownloadError,
-    _Progress,
     cache_path,
     default_cache_dir,
     download,
@@ -80,7 +80,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(autouse=True)
 def _no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(model.download, "RETRY_BACKOFF_S", 0.0)
+    monkeypatch.setattr(model.weights.download, "RETRY_BACKOFF_S", 0.0)
 
 
 @pytest.fixture
@@ -223,7 +223,7 @@ def test_progress_bar_redraws_in_place_on_a_terminal() -> None:
             return True
 
     stream = Tty()
-    bar = _Progress("w.safetensors", True, stream)
+    bar = ProgressBar("w.safetensors", True, stream)
     bar.begin(0, 1000)
     bar.end(1000)
     assert stream.getvalue().startswith("\r[") and "100.0%" in stream.getvalue()

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from model.errors import InputError
-from model.imageio import DEFAULT_MAX_PIXELS, load_image, load_mask, load_reference, mask_from_arrays
+from model.errors import ErrorCode, InputError
+from model.imaging.decode import DEFAULT_MAX_PIXELS, load_image, load_mask, load_reference, mask_from_arrays
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (30, 40, 3), dtype=np.uint8)
@@ -40,7 +40,7 @@ def png_header_only(width: int, height: int) -> bytes:
 def rejected(call, *args, **kwargs) -> InputError:
     with pytest.raises(InputError) as excinfo:
         call(*args, **kwargs)
-    assert excinfo.value.status == 422
+    assert isinstance(excinfo.value.code, ErrorCode)
     return excinfo.value
 
 

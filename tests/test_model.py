@@ -8,7 +8,6 @@ from dataclasses import replace
 import pytest
 import torch
 
-from model.anydoor import AnyDoorModel
 from model.config import (
     AnyDoorConfig,
     ControlNetConfig,
@@ -19,8 +18,10 @@ from model.config import (
     released_config,
     tiny_config,
 )
+from model.diffusion.samplers import ddim_sample
+from model.diffusion.schedule import ddim_timesteps
 from model.errors import Cancelled
-from model.sampler import ddim_sample, ddim_timesteps
+from model.nn.anydoor import AnyDoorModel
 from tests.conftest import REFERENCE
 
 

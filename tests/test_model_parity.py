@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.anydoor import AnyDoorModel
-from model.sampler import ddim_sample
+from model.diffusion.guidance import guided_denoiser
+from model.diffusion.samplers import ddim_sample
+from model.nn.anydoor import AnyDoorModel
 from tests.conftest import Case, rel_l2
 
 pytestmark = pytest.mark.parity
@@ -60,19 +61,18 @@ def test_vae_encoder_mean(loaded: tuple[Case, AnyDoorModel]) -> None:
 
 
 def test_ddim_latent_and_decode(loaded: tuple[Case, AnyDoorModel]) -> None:
-    """The DDIM loop as upstream runs it (two guidance calls), here with both branches in one batched forward."""
+    """The DDIM loop as upstream runs it (two guidance calls), here through the pipeline's own guidance function,
+    with both branches in one batched forward."""
     case, model = loaded
     e, s = case.expected, case.settings
     cond = torch.from_numpy(e["cond_tokens"])
     guided = model.encode_hint(_nchw(e["hint"]))
-    context = torch.cat([model.uncond_tokens(1), cond])
-    scale = s["guidance_scale"]
 
-    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = model.predict_noise(torch.cat([x, x]), torch.cat([t, t]), context, control_scale=s["control_strength"],
-                                  guided_hint=torch.cat([guided, guided]))
-        uncond, cond_eps = out.chunk(2)
-        return uncond + scale * (cond_eps - uncond)
+    def predict(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, copies: int) -> torch.Tensor:
+        return model.predict_noise(x, t, context, control_scale=s["control_strength"],
+                                   guided_hint=torch.cat([guided] * copies))
+
+    eps = guided_denoiser(predict, cond, model.uncond_tokens(1), torch.tensor([float(s["guidance_scale"])]))
 
     samples = ddim_sample(eps, torch.from_numpy(e["x_T"]), model.alphas_cumprod, s["ddim_steps"], eta=s["eta"])
     assert rel_l2(samples, e["samples"]) < TOL
@@ -86,7 +86,7 @@ def test_schedule_buffers_equal_checkpoint(case: Case) -> None:
     from safetensors.torch import load_file
 
     from model.config import load_config
-    from model.sampler import make_schedule
+    from model.diffusion.schedule import make_schedule
 
     stored = load_file(case.weights)
     for name, value in make_schedule(load_config(case.config_path).schedule).items():

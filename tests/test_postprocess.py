@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 from test_preprocess import GEOMETRIES, case_inputs, make_reference, make_target, prepare_case
 
-from model.postprocess import PASTE_MARGIN, decoded_to_pixels, paste_back
-from model.preprocess import PreparedInputs, prepare_inputs
+from model.imaging.postprocess import PASTE_MARGIN, decoded_to_pixels, paste_back
+from model.imaging.preprocess import PreparedInputs, prepare_inputs
 
 
 def outside_box(prepared: PreparedInputs, shape: tuple[int, ...]) -> np.ndarray:

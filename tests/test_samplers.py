@@ -16,10 +16,12 @@ import torch
 from PIL import Image
 
 from model.config import ScheduleConfig
+from model.diffusion.samplers import DPMPP_DEFAULT_STEPS, SAMPLERS, ddim_sample, dpmpp_2m_sample
+from model.diffusion.schedule import ddim_timesteps, make_schedule
 from model.errors import Cancelled, InputError
-from model.pipeline import SAMPLERS, AnyDoorPipeline
-from model.sampler import DPMPP_DEFAULT_STEPS, ddim_sample, ddim_timesteps, dpmpp_2m_sample, make_schedule
+from model.pipeline import AnyDoorPipeline
 from tests.conftest import REFERENCE
+from tests.support.spec import request
 
 CASE_A = REFERENCE / "case_a"
 AC = make_schedule(ScheduleConfig())["alphas_cumprod"]  # SD 2.1's schedule
@@ -161,13 +163,13 @@ def test_pipeline_dpmpp_end_to_end(pipe: AnyDoorPipeline) -> None:
 
 
 def test_pipeline_default_sampler_is_ddim(pipe: AnyDoorPipeline) -> None:
-    assert SAMPLERS == ("ddim", "dpmpp_2m")
+    assert tuple(SAMPLERS) == ("ddim", "dpmpp_2m")
     default = pipe(CASE_A / "reference.png", CASE_A / "background.png",
                    background_mask=CASE_A / "background_mask.png", steps=2, seed=5)
     assert default.to_png() == _generate(pipe, sampler="ddim", steps=2, seed=5).to_png()
-    job = pipe.prepare(CASE_A / "reference.png", CASE_A / "background.png",
-                       background_mask=CASE_A / "background_mask.png", steps=2)
-    assert job.sampler == "ddim"
+    job = pipe.prepare(*request(CASE_A / "reference.png", CASE_A / "background.png",
+                       background_mask=CASE_A / "background_mask.png", steps=2))
+    assert job.params.sampler == "ddim"
 
 
 @pytest.mark.parametrize("bad", ["euler", "DDIM", "", 3])
@@ -179,8 +181,8 @@ def test_pipeline_rejects_unknown_sampler(pipe: AnyDoorPipeline, bad: object) ->
 
 
 def test_run_jobs_needs_one_sampler(pipe: AnyDoorPipeline) -> None:
-    jobs = [pipe.prepare(CASE_A / "reference.png", CASE_A / "background.png",
-                         background_mask=CASE_A / "background_mask.png", steps=2, sampler=name, seed=1)
+    jobs = [pipe.prepare(*request(CASE_A / "reference.png", CASE_A / "background.png",
+                         background_mask=CASE_A / "background_mask.png", steps=2, sampler=name, seed=1))
             for name in SAMPLERS]
     with pytest.raises(ValueError, match="share the step count and sampler"):
-        pipe.run_jobs(jobs)
+        pipe.run(jobs)

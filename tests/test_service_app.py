@@ -19,12 +19,12 @@ import torch
 from PIL import Image
 
 from model.errors import Cancelled, CheckpointError
-from model.imageio import load_image
-from model.pipeline import GenerationResult, Job
+from model.imaging.decode import load_image
+from model.pipeline import GenerationInputs, GenerationParams, GenerationResult, Job
+from service.api.predict import wants_json
 from service.app import create_app
-from service.config import Settings
-from service.routes import _wants_json
-from service.testing import metric
+from service.settings import Settings
+from tests.support.server import metric
 
 OOM_GUIDANCE = 13.0  # the fake pipeline runs out of GPU memory for this guidance scale
 BUG_GUIDANCE = 14.0  # ... and fails with a bug for this one
@@ -40,25 +40,24 @@ class FakePipeline:
         self.step_s = step_s
         self.batches: list[int] = []
 
-    def prepare(self, reference: Any, background: Any, **kwargs: Any) -> Job:
-        image = load_image(background, field="background")
-        seed = kwargs.get("seed")
-        return Job(image, [None], torch.zeros(1), 7 if seed is None else seed, kwargs.get("steps", 50),  # 1 region
-                   kwargs.get("guidance_scale", 4.5), kwargs.get("control_strength", 1.0))
+    def prepare(self, inputs: GenerationInputs, params: GenerationParams, *, max_pixels: int | None = None) -> Job:
+        image = load_image(inputs.background, field="background")
+        params = params.with_seed(7 if params.seed is None else params.seed)
+        return Job(params, image, (None,), ((0, 0, 1, 1),), torch.zeros(1), 0.001)  # type: ignore[arg-type]
 
-    def run_jobs(self, jobs: Sequence[Job]) -> list[GenerationResult]:
+    def run(self, jobs: Sequence[Job], *, progress: Any = None, should_cancel: Any = None) -> list[GenerationResult]:
         self.batches.append(len(jobs))
-        job = jobs[0]
-        if job.guidance_scale == OOM_GUIDANCE:
+        params = jobs[0].params
+        if params.guidance_scale == OOM_GUIDANCE:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        if job.guidance_scale == BUG_GUIDANCE:
+        if params.guidance_scale == BUG_GUIDANCE:
             raise ZeroDivisionError("a bug")
-        for step in range(job.steps):
-            if job.should_cancel is not None and job.should_cancel():
+        for step in range(params.steps):
+            if should_cancel is not None and should_cancel():
                 raise Cancelled(f"cancelled before step {step + 1}")
             time.sleep(self.step_s)
-            if job.progress is not None:
-                job.progress(step + 1, job.steps, 0)
+            if progress is not None:
+                progress(step + 1, params.steps, 0)
         timings = {"preprocess": 0.001, "encode": 0.002, "sample": 0.003, "decode": 0.004, "postprocess": 0.005}
         return [GenerationResult(Image.fromarray(j.background), j.seed, timings, 1, True) for j in jobs]
 
@@ -242,8 +241,8 @@ def test_the_worker_batches_compatible_queued_jobs_up_to_max_batch() -> None:
 
 def test_a_worker_bug_outside_the_pipeline_does_not_stop_the_service() -> None:
     class ShortPipeline(FakePipeline):
-        def run_jobs(self, jobs: Sequence[Job]) -> list[GenerationResult]:
-            results = super().run_jobs(jobs)
+        def run(self, jobs: Sequence[Job], **kwargs: Any) -> list[GenerationResult]:
+            results = super().run(jobs, **kwargs)
             return results[:1] if len(self.batches) == 2 else results  # the first real batch loses a result
 
     pipe = ShortPipeline()
@@ -282,14 +281,17 @@ def test_request_ids_are_echoed_only_when_plain() -> None:
     ],
 )
 def test_content_negotiation(accept: str, expected: bool) -> None:
-    assert _wants_json(accept) is expected
+    assert wants_json(accept) is expected
 
 
 def test_warm_up_inputs_make_a_valid_request() -> None:
-    from service.worker import _warmup_inputs
+    from model.pipeline.warmup import warmup_request
 
-    reference, background, box = _warmup_inputs()
+    inputs, params = warmup_request(2)
+    reference, background = inputs.reference, inputs.background
+    assert isinstance(reference, np.ndarray) and isinstance(background, np.ndarray) and inputs.boxes
+    assert params.steps == 2 and params.seed == 0
     assert reference.shape[2] == 4 and reference[..., 3].any() and not reference[..., 3].all()
-    x, y, w, h = box
+    (x, y, w, h), = inputs.boxes
     assert x + w <= background.shape[1] and y + h <= background.shape[0]
     assert np.ptp(background) > 0

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.pipeline import AnyDoorPipeline
-from service.testing import CASE_A, ServerProcess, case_a_files, metric, tiny_model_env
+from model.pipeline.run import AnyDoorPipeline
+from tests.support.server import CASE_A, ServerProcess, case_a_files, metric, tiny_model_env
 
 REQUESTS = [
     {"seed": 11, "guidance_scale": 4.5, "control_strength": 1.0},

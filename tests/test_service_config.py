@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from service import cli
-from service.config import Settings, SettingsError, settings_table
-from service.testing import CASE_A, REPO
+from service.settings import Settings, SettingsError, settings_table
+from tests.support.server import CASE_A, REPO
 
 WEIGHTS = str(CASE_A / "model.safetensors")
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from service.testing import REPO, ServerProcess, metric, tiny_model_env
+from tests.support.server import REPO, ServerProcess, metric, tiny_model_env
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from service.testing import ServerProcess, case_a_files, metric, raw_predict, read_response, tiny_model_env
+from tests.support.server import ServerProcess, case_a_files, metric, raw_predict, read_response, tiny_model_env
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import httpx
 
-from service.testing import ServerProcess, case_a_files, metric, raw_predict, read_response, tiny_model_env
+from tests.support.server import ServerProcess, case_a_files, metric, raw_predict, read_response, tiny_model_env
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:

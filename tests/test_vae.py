@@ -10,7 +10,7 @@ from conftest import REFERENCE, Case, rel_l2
 from safetensors.torch import load_file
 
 from model.config import VAEConfig, load_config
-from model.vae import LOGVAR_MAX, AutoencoderKL
+from model.nn.vae import LOGVAR_MAX, AutoencoderKL
 
 PREFIX = "first_stage_model."
 SCALE_FACTOR = 0.18215

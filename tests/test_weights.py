@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.anydoor import AnyDoorModel
 from model.config import tiny_config
 from model.errors import CheckpointError
+from model.nn.anydoor import AnyDoorModel
 from tests.conftest import REFERENCE
 
 WEIGHTS = REFERENCE / "case_a" / "model.safetensors"
@@ -149,7 +149,7 @@ _MEMORY_PROBE = textwrap.dedent(
     """
     import json, sys, threading, time
     import torch
-    from model.anydoor import AnyDoorModel
+    from model.nn.anydoor import AnyDoorModel
     from model.config import AnyDoorConfig, ControlNetConfig, DinoV2Config, UNetConfig, VAEConfig
 
     def anon_mb():

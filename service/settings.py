@@ -12,11 +12,14 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-DTYPES = ("auto", "fp16", "bf16", "fp32")
+from model.config import DTYPE_NAMES
+from model.weights.download import is_url
+
+DTYPES = ("auto", *DTYPE_NAMES)
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _TRUE = {"1", "true", "yes", "on"}
@@ -160,7 +163,7 @@ class Settings:
             raise SettingsError(
                 "no weights configured: set ANYDOOR_WEIGHTS (or --weights) to a .safetensors/.ckpt file or an "
                 "http(s) URL, or set ANYDOOR_DEMO=1 (or --demo) to try the service with a tiny random demo model")
-        if self.weights and not re.match(r"^https?://", self.weights, re.IGNORECASE):
+        if self.weights and not is_url(self.weights):
             if not Path(self.weights).expanduser().is_file():
                 fail("weights", "no such file")
         if self.config and not Path(self.config).expanduser().is_file():
@@ -211,9 +214,6 @@ class Settings:
         if unknown:
             raise TypeError(f"unknown settings: {sorted(unknown)}")
         return cls(**values)
-
-    def with_changes(self, **changes: Any) -> Settings:
-        return replace(self, **changes)
 
     # --- derived values -------------------------------------------------------------------------------------
 

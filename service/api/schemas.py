@@ -6,9 +6,11 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from model.errors import ErrorCode
+
 
 class FieldError(BaseModel):
-    error: str = Field(description="Stable machine-readable code, e.g. `out_of_range`.")
+    error: ErrorCode = Field(description="Stable machine-readable code, e.g. `out_of_range`.")
     field: str | None = Field(description="The request field at fault.")
     message: str
 
@@ -16,13 +18,8 @@ class FieldError(BaseModel):
 class ErrorBody(BaseModel):
     """Every rejection: a stable `error` code, the field at fault where there is one, a readable message."""
 
-    error: str = Field(
-        description="Stable code: `not_an_image`, `truncated_image`, `too_many_pixels`, `payload_too_large`, "
-        "`empty_mask`, `size_mismatch`, `out_of_range`, `invalid_parameter`, `missing_field`, `unauthorized`, "
-        "`overloaded`, `queue_timeout`, `not_ready`, `draining`, `shutting_down`, `gpu_out_of_memory`, "
-        "`internal_error`, ...",
-        examples=["out_of_range"],
-    )
+    error: ErrorCode = Field(description="Stable machine-readable code (the README's error table).",
+                             examples=["out_of_range"])
     field: str | None = Field(description="The request field at fault, if any.", examples=["steps"])
     message: str = Field(examples=["must be between 1 and 1000, got 5000"])
     request_id: str | None = Field(description="Same as the `X-Request-ID` response header.")
@@ -35,7 +32,7 @@ class Timings(BaseModel):
     queue: float = Field(description="Waiting in the GPU queue.")
     preprocess: float = Field(description="Decoding and validating the images, cropping, the collage hint.")
     encode: float = Field(description="DINOv2 ID tokens and the ControlNet hint encoding.")
-    sample: float = Field(description="DDIM denoising.")
+    sample: float = Field(description="Denoising (the sampler's steps).")
     decode: float = Field(description="VAE decoding.")
     postprocess: float = Field(description="Pasting back into the background, PNG encoding.")
     total: float = Field(description="From the end of the upload to the response.")
@@ -50,6 +47,8 @@ class PredictResponse(BaseModel):
     height: int = Field(description="Equal to the background's height.")
     seed: int = Field(description="The seed used; send it back to reproduce the image.")
     regions: int = Field(description="How many target regions the object was inserted into.")
+    boxes: list[list[int]] = Field(description="Each region's target box `[x, y, w, h]` in background pixels, in "
+                                   "region order.")
     demo: bool = Field(description="True in demo mode: the image comes from a tiny random model, not AnyDoor.")
     request_id: str
     timings_ms: Timings

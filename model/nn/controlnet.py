@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import ControlNetConfig
-from .layers import timestep_embedding
-from .unet import build_encoder, build_time_embed
+from model.config import ControlNetConfig
+from model.nn.layers import timestep_embedding
+from model.nn.unet import build_encoder, build_time_embed
 
 # Widths of the hint encoder's convolutions; it downsamples the 512x512 hint 8x to the latent grid.
 _HINT_WIDTHS = (16, 16, 32, 32, 96, 96, 256)

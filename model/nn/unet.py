@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .config import UNetConfig
-from .layers import (
+from model.config import UNetConfig
+from model.nn.layers import (
     Downsample,
     ResBlock,
     Sequential,

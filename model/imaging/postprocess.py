@@ -10,8 +10,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from model.errors import InputError
-from model.preprocess import CROP_SIZE, PreparedInputs, square_padding
+from model.errors import ErrorCode, InputError
+from model.imaging.preprocess import CROP_SIZE, PreparedInputs, square_padding
 
 PASTE_MARGIN = 3
 """Pixels at each edge of the crop that are not pasted back (the decoder's borders are least reliable)."""
@@ -31,7 +31,7 @@ def paste_back(decoded: np.ndarray, background: np.ndarray, prepared: PreparedIn
     if decoded.shape != (CROP_SIZE, CROP_SIZE, 3):
         raise ValueError(f"decoded must be ({CROP_SIZE}, {CROP_SIZE}, 3) HWC, got {decoded.shape}")
     if background.dtype != np.uint8 or background.ndim != 3 or background.shape[2] != 3:
-        raise InputError("background", "expected an (H, W, 3) uint8 RGB image", code="invalid_image")
+        raise InputError("background", ErrorCode.INVALID_IMAGE, "expected an (H, W, 3) uint8 RGB image")
 
     crop_h, crop_w, side_h, side_w = (int(v) for v in prepared.extra_sizes)
     cy1, cy2, cx1, cx2 = (int(v) for v in prepared.tar_box_yyxx_crop)

@@ -20,9 +20,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import CheckpointError
+from model.errors import CheckpointError
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # keys: model.config.DTYPE_NAMES
 # The DDPM schedule buffers stay float32 in every conversion: they index the noise schedule, not the networks.
 SCHEDULE_KEYS = (
     "betas",

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from model.errors import InputError
+from model.errors import ErrorCode, InputError
 
 DEFAULT_MIN_REGION_AREA = 64
 """Connected components smaller than this many pixels (an 8x8 patch) are dropped as specks: stray brush dots or
@@ -34,22 +34,19 @@ def split_mask(
     (``empty_mask``) or every region is smaller than ``min_area`` (``mask_too_small``).
     """
     if not isinstance(mask, np.ndarray) or mask.ndim != 2:
-        raise InputError(field, "expected an (H, W) mask", code="invalid_mask")
+        raise InputError(field, ErrorCode.INVALID_MASK, "expected an (H, W) mask")
     if min_area < 1:
         raise ValueError(f"min_area must be at least 1, got {min_area}")
     binary = (mask != 0).astype(np.uint8)
     if not binary.any():
-        raise InputError(field, "the mask is empty", code="empty_mask")
+        raise InputError(field, ErrorCode.EMPTY_MASK, "the mask is empty")
 
     count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
     kept = [label for label in range(1, count) if stats[label, cv2.CC_STAT_AREA] >= min_area]
     if not kept:
         largest = int(stats[1:, cv2.CC_STAT_AREA].max())
-        raise InputError(
-            field,
-            f"every region is smaller than {min_area} pixels (the largest has {largest})",
-            code="mask_too_small",
-        )
+        raise InputError(field, ErrorCode.MASK_TOO_SMALL,
+                         f"every region is smaller than {min_area} pixels (the largest has {largest})")
     kept.sort(key=lambda label: (stats[label, cv2.CC_STAT_TOP], stats[label, cv2.CC_STAT_LEFT], label))
     return [labels == label for label in kept]
 
@@ -61,12 +58,12 @@ def parse_box(text: str) -> Box:
     """
     parts = [part.strip() for part in str(text).split(",")]
     if len(parts) != 4 or not all(_INT.fullmatch(part) for part in parts):
-        raise InputError("box", f"expected 'x,y,w,h' with four integers, got {text!r}", code="invalid_box")
+        raise InputError("box", ErrorCode.INVALID_BOX, f"expected 'x,y,w,h' with four integers, got {text!r}")
     x, y, w, h = (int(part) for part in parts)
     if x < 0 or y < 0:
-        raise InputError("box", f"x and y must not be negative, got {text!r}", code="invalid_box")
+        raise InputError("box", ErrorCode.INVALID_BOX, f"x and y must not be negative, got {text!r}")
     if w <= 0 or h <= 0:
-        raise InputError("box", f"width and height must be positive, got {text!r}", code="invalid_box")
+        raise InputError("box", ErrorCode.INVALID_BOX, f"width and height must be positive, got {text!r}")
     return x, y, w, h
 
 
@@ -74,31 +71,27 @@ def parse_boxes(text: str) -> list[Box]:
     """Parse one or more boxes separated by ``;`` (``"x,y,w,h;x,y,w,h"``)."""
     items = [item for item in str(text).split(";") if item.strip()]
     if not items:
-        raise InputError("box", "no box given", code="invalid_box")
+        raise InputError("box", ErrorCode.INVALID_BOX, "no box given")
     return [parse_box(item) for item in items]
 
 
 def _check_box(index: int, box: object, height: int, width: int) -> Box:
     label = f"box {index}"
     if isinstance(box, (str, bytes)) or not isinstance(box, Sequence) or len(box) != 4:
-        raise InputError("box", f"{label} must be four integers (x, y, w, h), got {box!r}", code="invalid_box")
+        raise InputError("box", ErrorCode.INVALID_BOX, f"{label} must be four integers (x, y, w, h), got {box!r}")
     values: list[int] = []
     for value in box:
         # bool is an int subclass and a float like 1.5 would silently truncate: accept only true integers.
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-            raise InputError("box", f"{label} must be four integers (x, y, w, h), got {box!r}", code="invalid_box")
+            raise InputError("box", ErrorCode.INVALID_BOX, f"{label} must be four integers (x, y, w, h), got {box!r}")
         values.append(int(value))
     x, y, w, h = values
     if w < MIN_BOX_SIDE or h < MIN_BOX_SIDE:
-        raise InputError(
-            "box", f"{label} is {w}x{h}; both sides must be at least {MIN_BOX_SIDE} pixels", code="invalid_box"
-        )
+        raise InputError("box", ErrorCode.INVALID_BOX,
+                         f"{label} is {w}x{h}; both sides must be at least {MIN_BOX_SIDE} pixels")
     if x < 0 or y < 0 or x + w > width or y + h > height:
-        raise InputError(
-            "box",
-            f"{label} (x={x}, y={y}, w={w}, h={h}) is not inside the {width}x{height} image",
-            code="box_out_of_image",
-        )
+        raise InputError("box", ErrorCode.BOX_OUT_OF_IMAGE,
+                         f"{label} (x={x}, y={y}, w={w}, h={h}) is not inside the {width}x{height} image")
     return x, y, w, h
 
 
@@ -110,7 +103,7 @@ def boxes_to_masks(boxes: Sequence[Box], size: tuple[int, int]) -> list[np.ndarr
     """
     height, width = (int(v) for v in size)
     if not boxes:
-        raise InputError("box", "no box given", code="invalid_box")
+        raise InputError("box", ErrorCode.INVALID_BOX, "no box given")
     masks = []
     for index, box in enumerate(boxes):
         x, y, w, h = _check_box(index, box, height, width)

@@ -27,14 +27,14 @@ import hashlib
 import http.client
 import os
 import re
-import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 from urllib.parse import unquote, urlsplit
+
+from model.progress import ProgressBar, human_bytes
 
 __all__ = [
     "ChecksumError",
@@ -128,71 +128,6 @@ def file_sha256(path: Path, chunk_size: int = DEFAULT_CHUNK_SIZE) -> str:
 # --- progress -----------------------------------------------------------------------------------------------
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
-
-
-class _Progress:
-    """A progress bar on stderr: redrawn in place on a terminal; on a log (container, CI) one line per 10 %."""
-
-    def __init__(self, name: str, enabled: bool, stream: IO[str] | None = None) -> None:
-        self.name = name
-        self.enabled = enabled
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.total: int | None = None
-        self.start_bytes = 0
-        self.t0 = time.monotonic()
-        self.last_draw = 0.0
-        self.last_decile = -1
-
-    def begin(self, done: int, total: int | None) -> None:
-        self.total, self.start_bytes, self.t0 = total, done, time.monotonic()
-        if self.enabled and done:
-            self.stream.write(f"{self.name}: resuming at {_human(done)}\n")
-        self.update(done, force=True)
-
-    def update(self, done: int, force: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        rate = (done - self.start_bytes) / max(now - self.t0, 1e-6)
-        if self.total:
-            frac = min(done / self.total, 1.0)
-            eta = (self.total - done) / rate if rate > 0 else 0.0
-            text = (
-                f"{self.name}: {frac * 100:5.1f}% {_human(done)}/{_human(self.total)} "
-                f"{_human(rate)}/s ETA {int(eta) // 60}:{int(eta) % 60:02d}"
-            )
-            decile = int(frac * 10)
-        else:
-            frac, decile = 0.0, -1
-            text = f"{self.name}: {_human(done)} {_human(rate)}/s"
-        if self.tty:
-            if not force and now - self.last_draw < 0.1:
-                return
-            width = 30
-            bar = "#" * int(frac * width) + "-" * (width - int(frac * width)) if self.total else ""
-            self.stream.write(f"\r[{bar}] {text}" if bar else f"\r{text}")
-        elif force or decile > self.last_decile:
-            self.stream.write(text + "\n")
-            self.last_decile = decile
-        self.last_draw = now
-        self.stream.flush()
-
-    def end(self, done: int) -> None:
-        if not self.enabled:
-            return
-        self.update(done, force=True)
-        if self.tty:
-            self.stream.write("\n")
-        self.stream.flush()
-
-
 # --- the transfer -------------------------------------------------------------------------------------------
 
 
@@ -249,7 +184,7 @@ def _open(url: str, offset: int, timeout: float) -> http.client.HTTPResponse:
     return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)  # noqa: S310
 
 
-def _transfer(url: str, partial: Path, digest: _Digest, bar: _Progress, chunk_size: int, timeout: float) -> None:
+def _transfer(url: str, partial: Path, digest: _Digest, bar: ProgressBar, chunk_size: int, timeout: float) -> None:
     """Append the rest of ``url`` to ``partial`` (whose bytes ``digest`` has seen); raise on any interruption."""
     offset = partial.stat().st_size if partial.exists() else 0
     try:
@@ -344,7 +279,7 @@ def download(
                 return target
             # otherwise a stale or damaged copy: fetch again, and replace it only once the new one is verified
         partial = target.with_name(target.name + ".partial")
-        bar = _Progress(target.name, progress)
+        bar = ProgressBar(target.name, progress)
         for fresh in (False, True):
             digest = _Digest()
             if fresh:
@@ -367,7 +302,7 @@ def download(
                     if attempt >= retries:
                         have = partial.stat().st_size if partial.exists() else 0
                         raise DownloadError(
-                            f"download of {url} interrupted after {_human(have)} ({exc!r}); "
+                            f"download of {url} interrupted after {human_bytes(have)} ({exc!r}); "
                             f"run again to resume from {partial}"
                         ) from exc
                 attempt += 1

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from model.errors import InputError
+from model.errors import ErrorCode, InputError
 
 DEFAULT_REFERENCE_EXPAND_RATIO = 1.3
 """Padding around the reference object's box before it is squared (upstream: random in {1.1 .. 1.4})."""
@@ -164,11 +164,8 @@ def _prepare_reference(reference: np.ndarray, mask: np.ndarray, expand_ratio: fl
     y1, y2, x1, x2 = bbox_from_mask(mask)
     if y2 <= y1 or x2 <= x1:
         # The inclusive-end quirk turns a one-pixel-thin object into an empty crop.
-        raise InputError(
-            "reference_mask",
-            "the reference object is too thin (one pixel in height or width)",
-            code="mask_too_small",
-        )
+        raise InputError("reference_mask", ErrorCode.MASK_TOO_SMALL,
+                         "the reference object is too thin (one pixel in height or width)")
     # Outside the object is white: DINOv2 and the detail map see the object alone.
     masked = np.where(mask[..., None], reference, np.uint8(255))[y1:y2, x1:x2]
     crop_mask = mask[y1:y2, x1:x2].astype(np.uint8)
@@ -192,35 +189,32 @@ def _prepare_reference(reference: np.ndarray, mask: np.ndarray, expand_ratio: fl
 
 def _check_image(name: str, image: np.ndarray) -> None:
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise InputError(name, "expected an (H, W, 3) uint8 RGB image", code="invalid_image")
+        raise InputError(name, ErrorCode.INVALID_IMAGE, "expected an (H, W, 3) uint8 RGB image")
     if image.shape[0] < 1 or image.shape[1] < 1:
-        raise InputError(name, "the image is empty", code="invalid_image")
+        raise InputError(name, ErrorCode.INVALID_IMAGE, "the image is empty")
 
 
 def _check_mask(name: str, mask: np.ndarray, image: np.ndarray, image_name: str) -> np.ndarray:
     if not isinstance(mask, np.ndarray) or mask.ndim != 2:
-        raise InputError(name, "expected an (H, W) mask", code="invalid_mask")
+        raise InputError(name, ErrorCode.INVALID_MASK, "expected an (H, W) mask")
     if mask.shape != image.shape[:2]:
-        raise InputError(
-            name,
-            f"mask is {mask.shape[1]}x{mask.shape[0]} but {image_name} is {image.shape[1]}x{image.shape[0]}",
-            code="size_mismatch",
-        )
+        raise InputError(name, ErrorCode.SIZE_MISMATCH,
+                         f"mask is {mask.shape[1]}x{mask.shape[0]} but {image_name} is "
+                         f"{image.shape[1]}x{image.shape[0]}")
     mask = mask.astype(bool, copy=False)
     count = int(np.count_nonzero(mask))
     if count == 0:
-        raise InputError(name, "the mask is empty", code="empty_mask")
+        raise InputError(name, ErrorCode.EMPTY_MASK, "the mask is empty")
     if count < MIN_MASK_PIXELS:
-        raise InputError(
-            name, f"the mask has {count} pixels; at least {MIN_MASK_PIXELS} are needed", code="mask_too_small"
-        )
+        raise InputError(name, ErrorCode.MASK_TOO_SMALL,
+                         f"the mask has {count} pixels; at least {MIN_MASK_PIXELS} are needed")
     return mask
 
 
 def _check_ratio(name: str, value: float) -> float:
     value = float(value)
     if not math.isfinite(value) or not 1.0 <= value <= MAX_EXPAND_RATIO:
-        raise InputError(name, f"must be between 1.0 and {MAX_EXPAND_RATIO}, got {value}", code="out_of_range")
+        raise InputError(name, ErrorCode.OUT_OF_RANGE, f"must be between 1.0 and {MAX_EXPAND_RATIO}, got {value}")
     return value
 
 
@@ -274,7 +268,7 @@ def prepare_inputs(
     bx1, bx2 = min(tx1 - cx1, crop_w), min(tx2 - cx1, crop_w)
     if by2 <= by1 or bx2 <= bx1:
         # In practice only a one-pixel-thin region on the image's first row or column gets here.
-        raise InputError("background_mask", "the target region is too thin", code="mask_too_small")
+        raise InputError("background_mask", ErrorCode.MASK_TOO_SMALL, "the target region is too thin")
 
     collage = crop.copy()
     collage[by1:by2, bx1:bx2] = resize(detail, bx2 - bx1, by2 - by1)

@@ -4,7 +4,7 @@
 read with a restricted unpickler and memory-mapped so the optimizer state is never loaded) into a safetensors
 file with the same key names, networks in fp16 and the DDPM schedule in fp32. The keys are checked against the
 model config first, so a converted file always loads. ``download`` fetches weights over HTTP(S) with a progress
-bar, resume and checksum (:mod:`model.download`).
+bar, resume and checksum (:mod:`model.weights.download`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .download import DownloadError, download, file_sha256
+from model.config import DTYPE_NAMES
+from model.progress import ProgressBar
+from model.weights.download import DownloadError, download, file_sha256
 
 __all__ = ["register"]
 
@@ -40,7 +42,7 @@ def register(subparsers: Any) -> None:
     )
     convert.add_argument("src", metavar="IN", type=Path, help="the .ckpt (or .safetensors) to read")
     convert.add_argument("dst", metavar="OUT", type=Path, help="the .safetensors file to write")
-    convert.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="default: fp16")
+    convert.add_argument("--dtype", choices=DTYPE_NAMES, default="fp16", help="default: fp16")
     convert.add_argument(
         "--config",
         default="released",
@@ -71,33 +73,12 @@ def _fail(command: str, message: str) -> int:
     return 1
 
 
-class _TensorProgress:
-    """``converting: 512/1856 tensors`` on stderr, redrawn in place on a terminal, every 10 % on a log."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.tty = sys.stderr.isatty()
-        self.last = -1
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        if self.tty:
-            sys.stderr.write(f"\rconverting: {done}/{total} tensors")
-            if done == total:
-                sys.stderr.write("\n")
-        elif (tenth := done * 10 // total) > self.last:
-            self.last = tenth
-            sys.stderr.write(f"converting: {done}/{total} tensors\n")
-        sys.stderr.flush()
-
-
 def _convert(args: argparse.Namespace) -> int:
     # Imported here: loading torch and the model code is only needed by this subcommand.
-    from .anydoor import AnyDoorModel
-    from .config import load_config
-    from .errors import CheckpointError
-    from .weights import convert
+    from model.config import load_config
+    from model.errors import CheckpointError
+    from model.nn.anydoor import AnyDoorModel
+    from model.weights.checkpoint import convert
 
     src, dst = args.src, args.dst
     if dst.suffix != ".safetensors":
@@ -117,7 +98,7 @@ def _convert(args: argparse.Namespace) -> int:
             dst,
             args.dtype,
             expected=AnyDoorModel.expected_shapes(config),
-            progress=_TensorProgress(not args.quiet),
+            progress=ProgressBar("converting", not args.quiet, unit="tensors"),
         )
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         return _fail("convert", str(exc))

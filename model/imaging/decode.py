@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from model.errors import InputError
-from model.preprocess import MIN_MASK_PIXELS
+from model.errors import ErrorCode, InputError
+from model.imaging.preprocess import MIN_MASK_PIXELS
 
 # A truncated upload must be an error, not an image with a grey bottom half.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -44,11 +44,9 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, zlib.e
 
 
 def _too_many_pixels(field: str, width: int, height: int, max_pixels: int) -> InputError:
-    return InputError(
-        field,
-        f"the image is {width}x{height} ({width * height} pixels); at most {max_pixels} pixels are accepted",
-        code="too_many_pixels",
-    )
+    return InputError(field, ErrorCode.TOO_MANY_PIXELS,
+                      f"the image is {width}x{height} ({width * height} pixels); at most {max_pixels} pixels are "
+                      "accepted")
 
 
 def _open(data: ImageSource, field: str) -> Image.Image:
@@ -57,41 +55,42 @@ def _open(data: ImageSource, field: str) -> Image.Image:
         try:
             data = Path(data).read_bytes()
         except OSError as exc:
-            raise InputError(field, f"cannot read file {str(data)!r}: {exc.strerror}", code="unreadable_file") from exc
+            raise InputError(field, ErrorCode.UNREADABLE_FILE,
+                             f"cannot read file {str(data)!r}: {exc.strerror}") from exc
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise InputError(field, f"unsupported input type {type(data).__name__}", code="not_an_image")
+        raise InputError(field, ErrorCode.NOT_AN_IMAGE, f"unsupported input type {type(data).__name__}")
     if len(data) == 0:
-        raise InputError(field, "the file is empty", code="not_an_image")
+        raise InputError(field, ErrorCode.NOT_AN_IMAGE, "the file is empty")
     # Pillow's own bomb check runs inside ``open``: above its limit it warns (an exception where warnings are
     # errors), above twice that it raises. Ours, checked right after opening, is the one that normally decides.
     # (``warnings.catch_warnings`` is not used to silence it: it swaps process-wide state and races in threads.)
     try:
         return Image.open(io.BytesIO(bytes(data)))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InputError(field, f"the image is too large: {exc}", code="too_many_pixels") from exc
+        raise InputError(field, ErrorCode.TOO_MANY_PIXELS, f"the image is too large: {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise InputError(field, "the data is not an image in a supported format", code="not_an_image") from exc
+        raise InputError(field, ErrorCode.NOT_AN_IMAGE, "the data is not an image in a supported format") from exc
     except _DECODE_ERRORS as exc:
         if "Decompressed Data Too Large" in str(exc):  # a PNG text chunk bomb
-            raise InputError(field, "the image metadata is too large", code="too_many_pixels") from exc
+            raise InputError(field, ErrorCode.TOO_MANY_PIXELS, "the image metadata is too large") from exc
         # A format was recognised (its plugin got past the magic bytes) but could not be read: damaged data.
-        raise InputError(field, f"the image data is truncated or corrupt: {exc}", code="truncated_image") from exc
+        raise InputError(field, ErrorCode.TRUNCATED_IMAGE, f"the image data is truncated or corrupt: {exc}") from exc
 
 
 def _load(image: Image.Image, field: str, max_pixels: int) -> Image.Image:
     """Check the announced size, fully decode, and apply the EXIF orientation."""
     width, height = image.size
     if width < 1 or height < 1:
-        raise InputError(field, f"the image has no pixels ({width}x{height})", code="not_an_image")
+        raise InputError(field, ErrorCode.NOT_AN_IMAGE, f"the image has no pixels ({width}x{height})")
     if width * height > max_pixels:
         raise _too_many_pixels(field, width, height, max_pixels)
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # re-asserted in case anything in the process flipped the global
     try:
         image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InputError(field, f"the image is too large: {exc}", code="too_many_pixels") from exc
+        raise InputError(field, ErrorCode.TOO_MANY_PIXELS, f"the image is too large: {exc}") from exc
     except _DECODE_ERRORS as exc:
-        raise InputError(field, f"the image data is truncated or corrupt: {exc}", code="truncated_image") from exc
+        raise InputError(field, ErrorCode.TRUNCATED_IMAGE, f"the image data is truncated or corrupt: {exc}") from exc
     try:
         transposed = ImageOps.exif_transpose(image)
     except Exception:  # malformed EXIF must not sink a decodable image: keep it as stored
@@ -126,7 +125,7 @@ def _pil_to_arrays(image: Image.Image, field: str) -> tuple[np.ndarray, np.ndarr
         try:
             image = image.convert(target)
         except ValueError as exc:
-            raise InputError(field, f"unsupported image mode {mode}", code="not_an_image") from exc
+            raise InputError(field, ErrorCode.NOT_AN_IMAGE, f"unsupported image mode {mode}") from exc
 
     array = np.asarray(image)
     if target == "LA":
@@ -147,11 +146,8 @@ def _array_to_uint8(array: np.ndarray, field: str) -> np.ndarray:
         return array.astype(np.uint8)
     if np.issubdtype(array.dtype, np.floating) and array.size and 0.0 <= array.min() and array.max() <= 1.0:
         return np.rint(array * 255).astype(np.uint8)
-    raise InputError(
-        field,
-        f"unsupported array of dtype {array.dtype}: use uint8, uint16, bool or floats in [0, 1]",
-        code="not_an_image",
-    )
+    raise InputError(field, ErrorCode.NOT_AN_IMAGE,
+                     f"unsupported array of dtype {array.dtype}: use uint8, uint16, bool or floats in [0, 1]")
 
 
 def _ndarray_to_arrays(array: np.ndarray, field: str, max_pixels: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -159,12 +155,11 @@ def _ndarray_to_arrays(array: np.ndarray, field: str, max_pixels: int) -> tuple[
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
-        raise InputError(
-            field, f"expected an (H, W), (H, W, 3) or (H, W, 4) array, got {array.shape}", code="not_an_image"
-        )
+        raise InputError(field, ErrorCode.NOT_AN_IMAGE,
+                         f"expected an (H, W), (H, W, 3) or (H, W, 4) array, got {array.shape}")
     height, width = array.shape[:2]
     if height < 1 or width < 1:
-        raise InputError(field, f"the image has no pixels ({width}x{height})", code="not_an_image")
+        raise InputError(field, ErrorCode.NOT_AN_IMAGE, f"the image has no pixels ({width}x{height})")
     if height * width > max_pixels:
         raise _too_many_pixels(field, width, height, max_pixels)
     array = _array_to_uint8(array, field)
@@ -256,13 +251,10 @@ def load_mask(
     else:
         mask = mask_from_arrays(*_decode(data, field, max_pixels))
     if size is not None and mask.shape != tuple(size):
-        raise InputError(
-            field,
-            f"the mask is {_size_text(mask.shape)} but its image is {_size_text(tuple(size))}",
-            code="size_mismatch",
-        )
+        raise InputError(field, ErrorCode.SIZE_MISMATCH,
+                         f"the mask is {_size_text(mask.shape)} but its image is {_size_text(tuple(size))}")
     if not mask.any():
-        raise InputError(field, "the mask is empty (no pixel above 128)", code="empty_mask")
+        raise InputError(field, ErrorCode.EMPTY_MASK, "the mask is empty (no pixel above 128)")
     return mask
 
 
@@ -286,19 +278,15 @@ def load_reference(
         field = "reference_mask"
         object_mask = load_mask(mask, field=field, size=rgb.shape[:2], max_pixels=max_pixels)
     elif alpha is None:
-        raise InputError(
-            "reference_mask",
-            "the reference has no alpha channel: send an RGBA cut-out or a reference_mask",
-            code="missing_mask",
-        )
+        raise InputError("reference_mask", ErrorCode.MISSING_MASK,
+                         "the reference has no alpha channel: send an RGBA cut-out or a reference_mask")
     else:
         field = "reference"
         object_mask = alpha > MASK_THRESHOLD
         if not object_mask.any():
-            raise InputError(field, "the reference's alpha channel is fully transparent", code="empty_mask")
+            raise InputError(field, ErrorCode.EMPTY_MASK, "the reference's alpha channel is fully transparent")
     count = int(np.count_nonzero(object_mask))
     if count < MIN_MASK_PIXELS:
-        raise InputError(
-            field, f"the object has {count} pixels; at least {MIN_MASK_PIXELS} are needed", code="mask_too_small"
-        )
+        raise InputError(field, ErrorCode.MASK_TOO_SMALL,
+                         f"the object has {count} pixels; at least {MIN_MASK_PIXELS} are needed")
     return rgb, object_mask

@@ -1,4 +1,4 @@
-"""The DDPM noise schedule and the samplers: DDIM and DPM-Solver++(2M).
+"""The samplers, DDIM and DPM-Solver++(2M), and the registry the request spec draws its ``sampler`` choices from.
 
 DDIM follows Song et al., "Denoising Diffusion Implicit Models" (arXiv 2010.02502), eq. 12; DPM-Solver++(2M) follows
 Lu et al. 2022 (arXiv 2211.01095), Algorithm 2. Each sampler is a plain function over a denoiser
@@ -9,55 +9,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
-import numpy as np
 import torch
 
-from .config import ScheduleConfig
-from .errors import Cancelled
+from model.diffusion.schedule import ddim_timesteps
+from model.errors import Cancelled
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # progress(step_index, total_steps, timestep); called after each step.
 ProgressFn = Callable[[int, int, int], None]
-
-
-def make_schedule(cfg: ScheduleConfig) -> dict[str, torch.Tensor]:
-    """The DDPM buffers stored in the checkpoint, computed in float64 and kept as float32 like upstream's."""
-    betas = np.linspace(cfg.linear_start**0.5, cfg.linear_end**0.5, cfg.timesteps, dtype=np.float64) ** 2
-    alphas = 1.0 - betas
-    ac = np.cumprod(alphas)
-    ac_prev = np.append(1.0, ac[:-1])
-    post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
-    values = {
-        "betas": betas,
-        "alphas_cumprod": ac,
-        "alphas_cumprod_prev": ac_prev,
-        "sqrt_alphas_cumprod": np.sqrt(ac),
-        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
-        "log_one_minus_alphas_cumprod": np.log(1.0 - ac),
-        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ac),
-        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1),
-        "posterior_variance": post_var,
-        "posterior_log_variance_clipped": np.log(np.maximum(post_var, 1e-20)),
-        "posterior_mean_coef1": betas * np.sqrt(ac_prev) / (1.0 - ac),
-        "posterior_mean_coef2": (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
-        "logvar": np.zeros(cfg.timesteps),
-    }
-    return {k: torch.tensor(v, dtype=torch.float32) for k, v in values.items()}
-
-
-def ddim_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
-    """Exactly ``steps`` ascending timesteps, evenly spread over the training schedule.
-
-    Upstream uses ``range(0, T, T // steps) + 1``: right when ``steps`` divides T, but more steps than asked
-    otherwise, and past the end of the schedule for 3, 9, 27, 37 steps. ``floor(i * T / steps) + 1`` is the same
-    list where ``steps`` divides T and exactly ``steps`` distinct values in ``[1, T - 1]`` for any other count
-    below T. For ``steps == T`` every timestep ``0 .. T-1`` is used.
-    """
-    if not 1 <= steps <= num_train_timesteps:
-        raise ValueError(f"steps must be between 1 and {num_train_timesteps}, got {steps}")
-    offset = 0 if steps == num_train_timesteps else 1
-    return [i * num_train_timesteps // steps + offset for i in range(steps)]
 
 
 @torch.no_grad()
@@ -71,13 +33,12 @@ def ddim_sample(
     generator: torch.Generator | None = None,
     progress: ProgressFn | None = None,
     should_cancel: Callable[[], bool] | None = None,
-    step_hook: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run DDIM from ``x_T`` (B, C, h, w) down to a clean latent.
 
     ``alphas_cumprod`` is the model's (T,) schedule buffer. ``generator`` drives the extra noise when eta > 0.
-    ``should_cancel`` is checked before every step and raises :class:`Cancelled`; ``step_hook(x, t)`` may
-    rewrite the latent after each step (used to re-impose known pixels).
+    ``should_cancel`` is checked before every step and raises :class:`Cancelled`; ``progress`` is called after
+    each.
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
@@ -104,8 +65,6 @@ def ddim_sample(
         if eta > 0:
             noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
             x = x + sigma[i] * noise.to(x.device)
-        if step_hook is not None:
-            x = step_hook(x, ts[i])
         if progress is not None:
             progress(n + 1, steps, ts[i])
     return x
@@ -171,3 +130,26 @@ def dpmpp_2m_sample(
         if progress is not None:
             progress(n + 1, steps, t_n)
     return x
+
+
+class Sampler(Protocol):
+    def __call__(self, eps: EpsFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int, *,
+                 progress: ProgressFn | None = None,
+                 should_cancel: Callable[[], bool] | None = None) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    """One entry of :data:`SAMPLERS`: the function, what it is, and the step count it is good at."""
+
+    sample: Sampler
+    description: str
+    suggested_steps: int
+
+
+# The registry: the request spec's ``sampler`` choices, the CLI's and Cog's are these keys, in this order.
+SAMPLERS: dict[str, SamplerInfo] = {
+    "ddim": SamplerInfo(ddim_sample, "DDIM, eta 0 (Song et al. 2020): upstream's sampler", 50),
+    "dpmpp_2m": SamplerInfo(dpmpp_2m_sample, "DPM-Solver++(2M) (Lu et al. 2022): similar quality in fewer steps",
+                            DPMPP_DEFAULT_STEPS),
+}

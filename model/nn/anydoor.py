@@ -15,14 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import AnyDoorConfig, UNetConfig, load_config, released_config
-from .controlnet import ControlNet
-from .dinov2 import DinoV2Encoder
-from .errors import CheckpointError
-from .sampler import make_schedule
-from .unet import UNetModel
-from .vae import AutoencoderKL
-from .weights import SCHEDULE_KEYS, WeightsFile, check_keys
+from model.config import AnyDoorConfig, UNetConfig, load_config, released_config
+from model.diffusion.schedule import make_schedule
+from model.errors import CheckpointError
+from model.nn.controlnet import ControlNet
+from model.nn.dinov2 import DinoV2Encoder
+from model.nn.unet import UNetModel
+from model.nn.vae import AutoencoderKL
+from model.weights.checkpoint import SCHEDULE_KEYS, WeightsFile, check_keys
 
 ControlScale = float | torch.Tensor
 
@@ -56,6 +56,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if device.type == "cpu" and dtype == torch.float16:
         raise ValueError("float16 is not supported on the CPU: use fp32 or bf16")
     return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name of a compute dtype as settings, flags and health reports spell it (``fp16``, ``bf16``, ``fp32``)."""
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
 
 
 class AnyDoorModel(nn.Module):

@@ -1,0 +1,2 @@
+"""Diffusion without networks: the DDPM schedule, the samplers (plain functions over an ``eps(x, t)`` callable)
+and classifier-free guidance."""

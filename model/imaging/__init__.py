@@ -1,0 +1,1 @@
+"""Images in and out: decoding user uploads, target regions, AnyDoor's pre- and post-processing (numpy/OpenCV)."""

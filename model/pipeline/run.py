@@ -1,0 +1,254 @@
+"""AnyDoorPipeline: images in, the background with the object inserted out.
+
+Every result is reproducible from ``(inputs, parameters, seed)``: the three box-expansion ratios are parameters
+with fixed defaults (upstream draws them at random), and the initial noise comes from a CPU ``torch.Generator``
+seeded with ``seed``, so the same seed gives the same noise on any device.
+
+The work is split so that several requests can share one batch: :meth:`AnyDoorPipeline.prepare` decodes and
+preprocesses one request (:class:`GenerationInputs` + :class:`GenerationParams`) into a frozen :class:`Job` (one
+item per target region) on the CPU; :meth:`AnyDoorPipeline.run` encodes, samples and decodes any number of jobs
+with the same :attr:`Job.batch_key` together (each keeps its own noise, guidance scale and control strength) and
+pastes every region back into its own background. Progress and cancellation are arguments of ``run``.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model.config import AnyDoorConfig, tiny_config
+from model.diffusion.guidance import guided_denoiser
+from model.diffusion.samplers import SAMPLERS, ProgressFn
+from model.errors import ErrorCode, InputError
+from model.imaging.decode import DEFAULT_MAX_PIXELS, ImageSource, load_image, load_mask, load_reference
+from model.imaging.postprocess import paste_back
+from model.imaging.preprocess import bbox_from_mask, prepare_inputs
+from model.imaging.regions import boxes_to_masks, split_mask
+from model.nn.anydoor import AnyDoorModel, resolve_device
+from model.pipeline.job import Job, freeze
+from model.pipeline.params import PARAM_NAMES, GenerationInputs, GenerationParams
+from model.pipeline.result import STAGES, GenerationResult
+
+CancelFn = Callable[[], bool]
+
+
+class AnyDoorPipeline:
+    def __init__(self, model: AnyDoorModel, *, is_demo: bool = False, weights_name: str = "",
+                 max_batch_items: int = 8) -> None:
+        if model.config.hint_size != 512:
+            raise ValueError(f"the pipeline works on 512x512 crops; config.image_size must be 64, "
+                             f"got {model.config.image_size}")
+        self.model = model
+        self.is_demo = is_demo
+        self.weights_name = weights_name
+        # Most regions in one forward of the networks (guidance doubles the rows); larger batches run in chunks.
+        self.max_batch_items = max_batch_items
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        weights: str | Path,
+        config: AnyDoorConfig | str | Path | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> AnyDoorPipeline:
+        model = AnyDoorModel.from_checkpoint(weights, config=config, device=device, dtype=dtype)
+        return cls(model, weights_name=Path(weights).name)
+
+    @classmethod
+    def demo(cls, device: str | torch.device | None = None) -> AnyDoorPipeline:
+        """A tiny model with fixed random weights: exercises the whole path anywhere; its pictures are noise."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = AnyDoorModel(tiny_config())
+        model = model.to(resolve_device(device)).eval().requires_grad_(False)
+        return cls(model, is_demo=True, weights_name="demo (tiny random)")
+
+    def compile_networks(self, **options: Any) -> AnyDoorPipeline:
+        """``torch.compile`` the UNet and the ControlNet in place (their keys are unchanged).
+
+        Off by default. Compilation happens on the first generation of each batch shape, so run a warm-up (the
+        service's warm-up generation does) before measuring or serving."""
+        self.model.model.diffusion_model.compile(**options)
+        self.model.control_model.compile(**options)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.compute_dtype
+
+    # --- one request ---------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        reference: ImageSource,
+        background: ImageSource,
+        *,
+        background_mask: ImageSource | None = None,
+        boxes: Sequence[tuple[int, int, int, int]] | None = None,
+        reference_mask: ImageSource | None = None,
+        initial_noise: torch.Tensor | None = None,
+        progress: ProgressFn | None = None,
+        should_cancel: CancelFn | None = None,
+        max_pixels: int | None = None,
+        **params: Any,
+    ) -> GenerationResult:
+        """Insert the object of ``reference`` into every target region of ``background``: the keyword call.
+
+        Targets: ``background_mask`` (each connected region gets the object) or ``boxes`` ((x, y, w, h) each).
+        ``params`` are :class:`GenerationParams` fields (``steps``, ``seed``, ...). ``initial_noise``
+        (1 or R, 4, 64, 64) replaces the seeded noise for exact replays.
+        """
+        unknown = sorted(set(params) - set(PARAM_NAMES))
+        if unknown:
+            raise TypeError(f"unknown generation parameters {unknown}; known: {', '.join(PARAM_NAMES)}")
+        inputs = GenerationInputs(reference, background, reference_mask, background_mask,
+                                  tuple(boxes) if boxes is not None else None)
+        return self.generate(inputs, GenerationParams(**params), initial_noise=initial_noise, progress=progress,
+                             should_cancel=should_cancel, max_pixels=max_pixels)
+
+    def generate(self, inputs: GenerationInputs, params: GenerationParams, *,
+                 initial_noise: torch.Tensor | None = None, progress: ProgressFn | None = None,
+                 should_cancel: CancelFn | None = None, max_pixels: int | None = None) -> GenerationResult:
+        """:meth:`prepare` and :meth:`run` for one request."""
+        job = self.prepare(inputs, params, initial_noise=initial_noise, max_pixels=max_pixels)
+        return self.run([job], progress=progress, should_cancel=should_cancel)[0]
+
+    def prepare(self, inputs: GenerationInputs, params: GenerationParams, *,
+                initial_noise: torch.Tensor | None = None, max_pixels: int | None = None) -> Job:
+        """Decode the images and preprocess every target region (CPU only, any thread)."""
+        start = time.perf_counter()
+        seed = secrets.randbits(63) if params.seed is None else params.seed
+        limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+
+        if (inputs.background_mask is None) == (inputs.boxes is None):
+            code = ErrorCode.MISSING_TARGET if inputs.background_mask is None else ErrorCode.CONFLICTING_TARGET
+            raise InputError("background_mask", code, "give exactly one target: a background_mask or one or more "
+                             "boxes")
+        ref_rgb, ref_mask = load_reference(inputs.reference, inputs.reference_mask, max_pixels=limit)
+        bg = load_image(inputs.background, field="background", max_pixels=limit)
+        height, width = bg.shape[:2]
+        if inputs.background_mask is not None:
+            mask = load_mask(inputs.background_mask, field="background_mask", size=(height, width), max_pixels=limit)
+            targets = split_mask(mask)
+        else:
+            assert inputs.boxes is not None
+            targets = boxes_to_masks(inputs.boxes, (height, width))
+
+        ratios = {"reference_expand_ratio": params.reference_expand_ratio,
+                  "target_box_expand_ratio": params.target_box_expand_ratio,
+                  "crop_expand_ratio": params.crop_expand_ratio}
+        regions = tuple(prepare_inputs(ref_rgb, ref_mask, bg, target, shape_control=params.shape_control, **ratios)
+                        for target in targets)
+        boxes = tuple(_xywh(bbox_from_mask(target)) for target in targets)
+        noise = self._initial_noise(seed, len(regions), initial_noise)
+        return Job(params.with_seed(seed), freeze(bg), regions, boxes, noise, time.perf_counter() - start)
+
+    def _initial_noise(self, seed: int, count: int, given: torch.Tensor | None) -> torch.Tensor:
+        size = self.model.config.image_size
+        shape = (count, self.model.config.latent_channels, size, size)
+        if given is None:
+            generator = torch.Generator().manual_seed(seed)
+            return torch.randn(shape, generator=generator)
+        given = torch.as_tensor(given, dtype=torch.float32).cpu()
+        if given.ndim != 4 or given.shape[1:] != shape[1:] or given.shape[0] not in (1, count):
+            raise InputError("initial_noise", ErrorCode.INVALID_PARAMETER,
+                             f"expected shape (1 or {count}, {', '.join(map(str, shape[1:]))}), "
+                             f"got {tuple(given.shape)}")
+        return given.expand(shape).clone()
+
+    # --- a batch of jobs -----------------------------------------------------------------------------------
+
+    def run(self, jobs: Sequence[Job], *, progress: ProgressFn | None = None,
+            should_cancel: CancelFn | None = None) -> list[GenerationResult]:
+        """Encode, sample and decode the regions of ``jobs`` together, in chunks of ``max_batch_items`` regions.
+
+        All jobs must share one :attr:`Job.batch_key`. ``progress(step, total, t)`` is called after every
+        denoising step of every chunk; ``should_cancel()`` is checked before each step and stops the whole batch
+        with :class:`~model.errors.Cancelled`. Each result carries its own timings: its preprocessing and
+        postprocessing, and the encode/sample/decode time of the chunks its regions ran in.
+        """
+        if not jobs:
+            return []
+        keys = {job.batch_key for job in jobs}
+        if len(keys) != 1:
+            raise ValueError(f"jobs in one batch must share the step count and sampler, got {sorted(keys)}")
+        items = [(job, i) for job in jobs for i in range(len(job.regions))]
+        decoded: dict[tuple[int, int], np.ndarray] = {}
+        stage_s: dict[int, dict[str, float]] = {id(job): {"preprocess": job.preprocess_s} for job in jobs}
+        for start in range(0, len(items), self.max_batch_items):
+            chunk = items[start:start + self.max_batch_items]
+            images, seconds = self._generate(chunk, progress, should_cancel)
+            for (job, i), image in zip(chunk, images, strict=True):
+                decoded[(id(job), i)] = image
+            for job in dict.fromkeys(job for job, _ in chunk):
+                for stage, value in seconds.items():
+                    stage_s[id(job)][stage] = stage_s[id(job)].get(stage, 0.0) + value
+        results = []
+        for job in jobs:
+            t0 = time.perf_counter()
+            out = job.background
+            for i, prepared in enumerate(job.regions):
+                out = paste_back(decoded[(id(job), i)], out, prepared)
+            timings = stage_s[id(job)]
+            timings["postprocess"] = time.perf_counter() - t0
+            timings["total"] = sum(timings.get(stage, 0.0) for stage in STAGES)
+            results.append(GenerationResult(Image.fromarray(out), job.seed, timings, len(job.regions), self.is_demo,
+                                            job.boxes))
+        return results
+
+    @torch.no_grad()
+    def _generate(self, chunk: Sequence[tuple[Job, int]], progress: ProgressFn | None,
+                  should_cancel: CancelFn | None) -> tuple[list[np.ndarray], dict[str, float]]:
+        model, dev = self.model, self.device
+        seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
+        refs = torch.stack([torch.from_numpy(job.regions[i].ref) for job, i in chunk]).permute(0, 3, 1, 2)
+        hints = torch.stack([torch.from_numpy(job.regions[i].hint) for job, i in chunk]).permute(0, 3, 1, 2)
+        cond = model.encode_reference(refs.contiguous())  # (N, 257, D)
+        guided = model.encode_hint(hints.contiguous().to(dev))  # (N, mc, 64, 64)
+        n = len(chunk)
+        scale = torch.tensor([job.params.guidance_scale for job, _ in chunk], device=dev)
+        control = torch.tensor([job.params.control_strength for job, _ in chunk], device=dev)
+        x_T = torch.stack([job.noise[i] for job, i in chunk]).to(dev)
+        # Per-row extras for one copy of the rows and for the [uncond | cond] pair, built once, not per step.
+        extras = {1: (guided, control)}
+        if bool((scale != 1).any()):
+            extras[2] = (torch.cat([guided, guided]), torch.cat([control, control]))
+
+        def predict(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, copies: int) -> torch.Tensor:
+            hint_features, control_scale = extras[copies]
+            return model.predict_noise(x, t, context, control_scale=control_scale, guided_hint=hint_features)
+
+        eps = guided_denoiser(predict, cond, model.uncond_tokens(n), scale)
+        seconds["encode"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        params = chunk[0][0].params
+        sample = SAMPLERS[params.sampler].sample
+        latents = sample(eps, x_T, model.alphas_cumprod, params.steps, progress=progress, should_cancel=should_cancel)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        seconds["sample"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        images = model.decode_latent(latents).permute(0, 2, 3, 1).cpu().numpy()  # (N, 512, 512, 3)
+        seconds["decode"] = time.perf_counter() - t0
+        return list(images), seconds
+
+
+def _xywh(box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """A :func:`bbox_from_mask` box ``(y1, y2, x1, x2)``, inclusive ends, as ``(x, y, w, h)``."""
+    y1, y2, x1, x2 = box
+    return x1, y1, x2 - x1 + 1, y2 - y1 + 1
