@@ -76,3 +76,14 @@ def case_a_http() -> Iterator[str]:
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tiers by what a test needs, not by hand-kept lists: a test that uses a real server (the ``server``
+    fixture of its module) is ``slow``; a ``gpu`` test is skipped where CUDA is missing."""
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
+            item.add_marker(no_cuda)

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import yaml
 from PIL import Image
 
 from model.pipeline import INPUT_FIELDS, param_specs
+from tests.support.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CASE = ROOT / "tests" / "fixtures" / "reference" / "case_a"
@@ -40,12 +40,6 @@ cog = pytest.importorskip("cog", reason="the Cog SDK is a test dependency: pip i
 
 def data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class CogServer:

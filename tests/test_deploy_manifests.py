@@ -18,7 +18,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ import yaml
 from service.app import create_app
 from service.metrics import Metrics
 from service.settings import Settings
+from tests.support.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "kubernetes"
@@ -287,12 +287,7 @@ def test_dockerfile_installs_with_the_ci_script() -> None:
     assert ci_torch and image_torch and ci_torch.group(1) == image_torch.group(1)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
+@pytest.mark.slow
 def test_image_start_command_downloads_weights_and_passes_its_health_check(case_a_http: str, tmp_path: Path) -> None:
     """The Dockerfile's CMD and HEALTHCHECK, run with the image's environment, weights downloaded on start."""
     port = free_port()

@@ -166,6 +166,7 @@ def test_empty_mask_and_too_many_pixels(pipe: AnyDoorPipeline) -> None:
     assert info.value.code == "too_many_pixels" and info.value.field in ("reference", "background")
 
 
+@pytest.mark.slow
 def test_cli_generate_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "out.png"
     cmd = [sys.executable, "-m", "service.cli", "generate", "--weights", str(CASE_A / "model.safetensors"),

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from tests.support.server import ServerProcess, case_a_files, metric, raw_predict, read_response, tiny_model_env
+from tests.support.server import (
+    ServerProcess,
+    case_a_files,
+    metric,
+    raw_predict,
+    read_response,
+    tiny_model_env,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +28,6 @@ def server() -> Iterator[ServerProcess]:
 
 def metrics(client: httpx.Client) -> str:
     return client.get("/metrics").text
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.05)
 
 
 def test_overload_answers_429_with_retry_after_and_counts_it(server: ServerProcess, client: httpx.Client) -> None:

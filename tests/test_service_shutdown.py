@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable
 
 import httpx
+import pytest
 
-from tests.support.server import ServerProcess, case_a_files, metric, raw_predict, read_response, tiny_model_env
+from tests.support.server import (
+    ServerProcess,
+    case_a_files,
+    metric,
+    raw_predict,
+    read_response,
+    tiny_model_env,
+    wait_for,
+)
 
-
-def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.05)
+pytestmark = pytest.mark.slow  # each test starts and stops a real server
 
 
 def running(server: ServerProcess) -> bool:
