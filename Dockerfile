@@ -7,13 +7,15 @@
 # No Docker engine runs on the development machines, so every step here is one that CI runs too
 # (tests/test_deploy_manifests.py checks it): the install is scripts/setup.sh, the script .ci/run uses; the start
 # command and the health check are run by the test suite against the tiny reference model.
-# The one difference from CI: TORCH_SPEC installs PyPI's default Linux torch wheel, which is the CUDA build
-# (CI gets the CPU build of the same version).
+# The one difference from CI: ANYDOOR_TORCH=cuda. The build has no GPU to detect, so setup.sh is told to install the
+# CUDA 12.8 build of torch (from https://download.pytorch.org/whl/cu128, the CUDA version of BASE_IMAGE and
+# cog.yaml); it fails the build if it ends up with a CPU build. CI gets the CPU build of the same torch version.
+# --build-arg TORCH_SPEC="torch==... --index-url ..." installs exactly that instead.
 
 ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
 FROM ${BASE_IMAGE}
 
-ARG TORCH_SPEC="torch==2.13.0"
+ARG TORCH_SPEC=""
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -36,7 +38,8 @@ COPY model model
 COPY service service
 
 # The CI install (.ci/run runs the same script). The pip cache mount keeps the multi-GB torch wheel between builds.
-RUN --mount=type=cache,target=/root/.cache/pip TORCH_SPEC="${TORCH_SPEC}" bash scripts/setup.sh \
+# COPY service carries service/static (the /docs and /redoc assets) with the code.
+RUN --mount=type=cache,target=/root/.cache/pip ANYDOOR_TORCH=cuda TORCH_SPEC="${TORCH_SPEC}" bash scripts/setup.sh \
     && .venv/bin/anydoor --help > /dev/null
 
 # Weights come from a mounted volume (/weights) or, with ANYDOOR_WEIGHTS=https://..., are downloaded once on start

@@ -30,9 +30,17 @@ class ErrorCode(str, enum.Enum):
     INVALID_PARAMETER = "invalid_parameter", "A parameter of the wrong type, not a number, or not one of its choices."
     OUT_OF_RANGE = "out_of_range", "A parameter outside its bounds."
     PAYLOAD_TOO_LARGE = "payload_too_large", "A file over the upload limit, or a request body over the body limit."
+    TOO_MANY_FIELDS = "too_many_fields", "A multipart body with more parts (fields and files) than the limit."
+    FIELD_TOO_LONG = "field_too_long", "A text field longer than the field-length limit."
+    TOO_MANY_DIGITS = "too_many_digits", "A number written with more digits than any valid value has."
     # --- images
-    NOT_AN_IMAGE = "not_an_image", "The data is not an image in a supported format."
-    TRUNCATED_IMAGE = "truncated_image", "The image header is readable but its pixel data is cut short or corrupt."
+    NOT_AN_IMAGE = "not_an_image", ("No image is recognised in the data: it has no known image signature, or an "
+                                    "accepted format's signature with no header of that format behind it.")
+    UNSUPPORTED_FORMAT = "unsupported_format", ("An image in a format that is not accepted (the message names it and "
+                                                "the accepted ones: PNG, JPEG, WebP, GIF, BMP), or a refused variant "
+                                                "of an accepted one (an RLE BMP, a JPEG with hundreds of scans).")
+    TRUNCATED_IMAGE = "truncated_image", ("An image in an accepted format whose header fields or pixel data are cut "
+                                          "short or corrupt.")
     TOO_MANY_PIXELS = "too_many_pixels", "An image over the pixel limit, read from its header before decoding."
     UNREADABLE_FILE = "unreadable_file", "A file path (Python API, CLI) that cannot be read."
     INVALID_IMAGE = "invalid_image", "An array given as an image without the (H, W, 3) uint8 layout (Python API)."
@@ -47,6 +55,7 @@ class ErrorCode(str, enum.Enum):
     BOX_OUT_OF_IMAGE = "box_out_of_image", "A box that does not lie inside the background."
     MISSING_TARGET = "missing_target", "Neither a background mask nor a box was given."
     CONFLICTING_TARGET = "conflicting_target", "Both a background mask and boxes were given."
+    TOO_MANY_REGIONS = "too_many_regions", "More target regions (boxes, or separate regions of a mask) than the limit."
     # --- the service
     UNAUTHORIZED = "unauthorized", "An API key is set and the `Authorization: Bearer` key is missing or wrong."
     NOT_FOUND = "not_found", "No such route."

@@ -17,26 +17,34 @@ import logging
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.errors import ErrorCode
 from service.api import router
+from service.api.health import HeadAsGet
+from service.api.studio import STUDIO_ASSETS, STUDIO_ASSETS_URL
 from service.errors import ServiceError, error_response
 from service.inference import InferenceService
 from service.metrics import Metrics
-from service.middleware import PredictGate, RequestContextMiddleware, request_id_of
+from service.middleware import PREDICT, AdmissionGate, RequestContextMiddleware, request_id_of, route_path
 from service.settings import Settings
 from service.worker import Pipeline
 
 log = logging.getLogger("anydoor.service")
 
 API_VERSION = "1.0.0"
+# Swagger UI and ReDoc, vendored (see its README): /docs and /redoc work without internet access.
+DOCS_ASSETS = Path(__file__).parent / "static" / "docs"
+DOCS_ASSETS_URL = "/static/docs"
 # Starlette's own HTTP errors (routing, unreadable bodies) in the service's vocabulary.
 _STATUS_CODES = {400: ErrorCode.BAD_REQUEST, 404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED,
                  413: ErrorCode.PAYLOAD_TOO_LARGE}
@@ -64,17 +72,45 @@ def create_app(settings: Settings | None = None, *, load: Callable[[], Pipeline]
         summary="Zero-shot object insertion: a cut-out object and a background with a marked region in, the "
         "background with the object placed there out.",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's own /docs and /redoc load their scripts from a CDN; ours are below
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.service = service
     app.include_router(router)
-    app.add_middleware(PredictGate, service=service)
+    app.mount(DOCS_ASSETS_URL, StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
+    app.mount(STUDIO_ASSETS_URL, StaticFiles(directory=STUDIO_ASSETS), name="studio-assets")  # the page at /
+
+    def docs_base(request: Request) -> str:
+        return str(request.scope.get("root_path", "")).rstrip("/")  # behind a proxy prefix, as FastAPI's own
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        base = docs_base(request)
+        return get_swagger_ui_html(
+            openapi_url=f"{base}{app.openapi_url}", title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{base}{DOCS_ASSETS_URL}/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url=f"{base}{DOCS_ASSETS_URL}/swagger-ui/swagger-ui.css",
+            swagger_favicon_url=f"{base}{DOCS_ASSETS_URL}/swagger-ui/favicon-32x32.png",
+            # No badge from validator.swagger.io: it would send the schema's URL to a third party, and fail offline.
+            swagger_ui_parameters={"validatorUrl": None})
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        base = docs_base(request)
+        return get_redoc_html(
+            openapi_url=f"{base}{app.openapi_url}", title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{base}{DOCS_ASSETS_URL}/redoc/redoc.standalone.js",
+            redoc_favicon_url=f"{base}{DOCS_ASSETS_URL}/swagger-ui/favicon-32x32.png", with_google_fonts=False)
+
+    app.add_middleware(HeadAsGet)  # added first: innermost, so the outer middleware sees and counts HEAD as HEAD
+    app.add_middleware(AdmissionGate, service=service)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # added last: outermost
 
     def count(request: Request) -> Metrics | None:
         """Failures are counted for /predict only."""
-        return metrics if request.url.path.rstrip("/") == "/predict" else None
+        return metrics if route_path(request.scope) == PREDICT else None
 
     async def on_service_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServiceError)

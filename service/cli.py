@@ -22,7 +22,7 @@ from typing import Any
 
 from model.cli import generate as generate_command
 from model.cli import weights as weights_command
-from service.settings import Settings, SettingsError
+from service.settings import Settings, SettingsError, env_name
 
 DESCRIPTION = (
     "Serve AnyDoor over HTTP: POST /predict, health checks and Prometheus metrics. The model is loaded once and "
@@ -78,33 +78,67 @@ def serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"anydoor serve: error: {exc}", file=sys.stderr)
         return 2
+    problem = _device_problem(settings, args)
+    if problem:
+        print(f"anydoor serve: error: {problem}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import uvicorn
 
+    from service import connections
     from service.app import create_app
 
     app = create_app(settings)
+    limits = connections.connection_limits(settings)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, server_header=False,
+        root_path=settings.root_path,
         # A backstop only: the worker cancels running work at the end of the grace period by itself; the margin
         # covers the denoising step under way then.
         timeout_graceful_shutdown=math.ceil(settings.shutdown_delay_s + settings.shutdown_grace_s + 15),
+        # Read deadlines and the connection cap (service/connections.py); no WebSocket routes, so no upgrades.
+        http=connections.protocol_class(limits), ws="none", backlog=limits.backlog,
+        timeout_keep_alive=settings.keep_alive_s,
     )
+    connections.install_log_filters()  # after Config, which configures logging
     server = uvicorn.Server(config)
-    with _sigterm_exits_cleanly(server):
+    with _signals_exit_cleanly(server):
         server.run()
+    if server.force_exit:
+        return 130  # a second Ctrl-C cut the drain short: not a clean shutdown
     return 0 if server.started else 3
 
 
+def _device_problem(settings: Settings, args: argparse.Namespace) -> str | None:
+    """Why the configured device or dtype cannot work on this machine, or None.
+
+    Settings only check the spelling (``cuda`` is a valid name); without this, a machine without CUDA would start,
+    fail to load the model in the background and sit in ``setup_failed``. ``auto`` and ``cpu`` (with the dtype
+    left to ``auto``) always work, so they are not checked and do not import torch here.
+    """
+    dtype = "auto" if settings.demo else settings.dtype  # the demo model ignores the dtype
+    if settings.device in ("auto", "cpu") and dtype == "auto":
+        return None
+    from model.nn.anydoor import DeviceError, resolve_device, resolve_dtype  # imports torch
+
+    try:
+        resolve_dtype(dtype, resolve_device(settings.device))
+    except DeviceError as exc:
+        source = f"--{exc.setting}" if getattr(args, exc.setting, None) is not None else env_name(exc.setting)
+        return f"{source} {exc.value}: {exc.reason}"
+    return None
+
+
 @contextlib.contextmanager
-def _sigterm_exits_cleanly(server: Any) -> Iterator[None]:
-    """Make a graceful shutdown on SIGTERM end with exit status 0.
+def _signals_exit_cleanly(server: Any) -> Iterator[None]:
+    """Make a graceful shutdown on SIGTERM or Ctrl-C (SIGINT) end with exit status 0.
 
     After its graceful shutdown uvicorn re-raises the signal that stopped it under the handler that was there
-    before its own, so that the default action follows: death by SIGTERM, status 143. Process managers expect 0
-    from a clean shutdown, so the handler underneath uvicorn's only asks the server to exit (which also covers a
-    SIGTERM arriving before uvicorn has installed its handlers).
+    before its own, so that the default action follows: death by SIGTERM (status 143), or KeyboardInterrupt for
+    SIGINT (status 130). Process managers and the README expect 0 from a clean shutdown, so the handler underneath
+    uvicorn's only asks the server to exit (which also covers a signal arriving before uvicorn has installed its
+    handlers). A second Ctrl-C still reaches uvicorn's handler first, which then force-quits.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -113,11 +147,12 @@ def _sigterm_exits_cleanly(server: Any) -> Iterator[None]:
     def request_exit(sig: int, frame: Any) -> None:
         server.should_exit = True
 
-    previous = signal.signal(signal.SIGTERM, request_exit)
+    previous = {sig: signal.signal(sig, request_exit) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,10 +8,14 @@ Cog's health-check say. :meth:`InferenceService.predict` is the whole life of on
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import ctypes.util
 import functools
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +23,7 @@ import anyio
 from starlette.types import Receive
 
 from model.errors import ErrorCode, InputError
-from model.pipeline import STAGES, GenerationInputs, GenerationParams
+from model.pipeline import STAGES, GenerationInputs, GenerationParams, Job
 from model.pipeline.result import server_timing
 from service.errors import ServiceError, client_gone, overloaded, queue_timeout
 from service.metrics import Metrics
@@ -30,6 +34,38 @@ log = logging.getLogger("anydoor.service")
 
 # Decoding and preprocessing run in threads beside the GPU worker; more at once than this only adds contention.
 CPU_CONCURRENCY = 4
+# After a request with more upload bytes than this, free heap pages are handed back to the OS.
+LARGE_REQUEST_BYTES = 1 << 20
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Return freed heap memory to the OS. glibc keeps what a large request freed (decoded images, spooled parts,
+    preprocessing arrays) in its per-thread arenas, so RSS would stay at the high-water mark of the largest
+    request seen; ``malloc_trim(0)`` releases the free pages."""
+    if _TRIM is not None:
+        _TRIM(0)
+
+
+# A consumer of a request's progress events, called on the event loop: (event name, JSON-able data).
+EventSink = Callable[[str, dict[str, Any]], None]
+POSITION_POLL_S = 0.25  # how often a streaming request's queue position is looked at
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    work: Job
+    t0: float  # when preprocessing began (perf_counter), for the total
 
 
 @dataclass(frozen=True)
@@ -56,6 +92,40 @@ def load_from_settings(settings: Settings) -> Pipeline:
                          compile=settings.compile)
 
 
+class Slot:
+    """One unit taken from a :class:`BoundedCount`; :meth:`release` is idempotent and thread-safe."""
+
+    def __init__(self, owner: BoundedCount) -> None:
+        self._owner = owner
+        self._held = True
+
+    def release(self) -> None:
+        with self._owner.lock:
+            if self._held:
+                self._held = False
+                self._owner.value -= 1
+
+
+class BoundedCount:
+    """A count with a limit, shared by the event loop and the worker thread."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.value = 0
+        self.lock = threading.Lock()
+
+    def take(self) -> Slot | None:
+        with self.lock:
+            if self.value >= self.limit:
+                return None
+            self.value += 1
+            return Slot(self)
+
+    @property
+    def full(self) -> bool:
+        return self.value >= self.limit
+
+
 class InferenceService:
     def __init__(self, settings: Settings, metrics: Metrics, load: Callable[[], Pipeline] | None = None) -> None:
         self.settings = settings
@@ -66,6 +136,10 @@ class InferenceService:
             max_batch=settings.max_batch, batch_delay_s=settings.max_batch_delay_ms / 1000,
         )
         self.draining = False
+        # Requests admitted and not yet started on the GPU: uploading, preprocessing or queued. Counting them from
+        # the moment their headers arrive is what lets 429 come before an upload is read.
+        self.pending = BoundedCount(settings.max_queue)
+        self.uploads = BoundedCount(settings.max_uploads)  # request bodies being read right now
         self._limiter: anyio.CapacityLimiter | None = None
         metrics.queue_depth.set_function(lambda: self.worker.queue_depth)
         metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
@@ -112,12 +186,19 @@ class InferenceService:
             return "SETUP_FAILED"
         if state is WorkerState.STARTING:
             return "STARTING"
-        if self.draining or state is WorkerState.STOPPED or self.worker.queue_full:
+        if self.draining or state is WorkerState.STOPPED or self.pending.full:
             return "BUSY"
         return "READY"
 
     def admission_error(self) -> ServiceError | None:
         """Why a /predict request cannot come in right now, checked before its body is read; None if it can."""
+        error = self.availability_error()
+        if error is None and self.pending.full:
+            return self.overloaded()
+        return error
+
+    def availability_error(self) -> ServiceError | None:
+        """Why no request can be served now (draining, loading, setup failed); None if requests can be."""
         if self.draining or self.worker.state is WorkerState.STOPPED:
             return ServiceError(ErrorCode.DRAINING, "the server is shutting down and takes no new requests")
         if self.worker.state is WorkerState.STARTING:
@@ -125,42 +206,79 @@ class InferenceService:
                                 headers={"Retry-After": "5"})
         if self.worker.state is WorkerState.FAILED:
             return ServiceError(ErrorCode.SETUP_FAILED, f"the model failed to load: {self.worker.setup_error}")
-        if self.worker.queue_full:
-            return overloaded(self.worker.retry_after_s())
         return None
+
+    def overloaded(self) -> ServiceError:
+        return overloaded(self.worker.retry_after_s(self.pending.value))
+
+    def admit(self) -> Slot | None:
+        """A place among the admitted requests (None when there is none); released when the job starts running
+        on the GPU or the request ends, whichever comes first."""
+        return self.pending.take()
+
+    def begin_upload(self) -> Slot | None:
+        """A place among the bodies being read (None when there is none); released when the body is read."""
+        return self.uploads.take()
 
     # --- one request ----------------------------------------------------------------------------------------
 
     async def predict(self, inputs: GenerationInputs, params: GenerationParams, *, request_id: str,
-                      receive: Receive) -> Prediction:
-        """Preprocess, queue, wait for the GPU worker, encode the PNG.
+                      receive: Receive | None, ticket: Slot | None = None,
+                      events: EventSink | None = None) -> Prediction:
+        """Preprocess, queue, wait for the GPU worker, encode the PNG: :meth:`prepare` then :meth:`execute`."""
+        with self.tracked(inputs):
+            prepared = await self.prepare(inputs, params)
+            return await self.execute(prepared, request_id=request_id, receive=receive, ticket=ticket, events=events)
 
-        ``receive`` is the request's ASGI receive channel (the body is already read): it is watched for the
-        client's disconnect, which takes the job out of the queue or stops it at the next denoising step.
-        """
-        with self.metrics.in_flight.track_inprogress():
-            return await self._predict(inputs, params, request_id=request_id, receive=receive)
+    @contextlib.contextmanager
+    def tracked(self, inputs: GenerationInputs) -> Iterator[None]:
+        """Count the request as in flight; afterwards, hand a large request's freed memory back to the OS."""
+        self.metrics.in_flight.inc()
+        try:
+            yield
+        finally:
+            self.metrics.in_flight.dec()
+            uploaded = sum(len(v) for v in (inputs.reference, inputs.background, inputs.reference_mask,
+                                            inputs.background_mask) if isinstance(v, bytes | bytearray))
+            if uploaded > LARGE_REQUEST_BYTES:
+                release_free_memory()  # a few milliseconds: the uploads and arrays are garbage by now
 
-    async def _predict(self, inputs: GenerationInputs, params: GenerationParams, *, request_id: str,
-                       receive: Receive) -> Prediction:
+    async def prepare(self, inputs: GenerationInputs, params: GenerationParams) -> PreparedRequest:
+        """Decode and preprocess on a CPU thread; bad input raises its 4xx here, before anything is queued."""
         t0 = time.perf_counter()
-        error = self.admission_error()  # again: draining may have begun during the upload
+        error = self.availability_error()  # again: draining may have begun during the upload
         if error is not None:
             raise error
         assert self._limiter is not None
         try:
             work = await anyio.to_thread.run_sync(
-                functools.partial(self.worker.prepare, inputs, params, max_pixels=self.settings.max_pixels),
+                functools.partial(self.worker.prepare, inputs, params, max_pixels=self.settings.max_pixels,
+                                  max_regions=self.settings.max_regions),
                 limiter=self._limiter,
             )
         except InputError as exc:
             raise ServiceError.from_input_error(exc) from None
+        return PreparedRequest(work, t0)
 
+    async def execute(self, prepared: PreparedRequest, *, request_id: str, receive: Receive | None,
+                      ticket: Slot | None = None, events: EventSink | None = None) -> Prediction:
+        """Queue the prepared job, wait for the GPU worker, encode the PNG.
+
+        ``receive`` is the request's ASGI receive channel (the body is already read): it is watched for the
+        client's disconnect, which takes the job out of the queue or stops it at the next denoising step. With
+        None the caller watches (a streaming response is cancelled by its server when the client leaves). With
+        ``events``, ``queued`` (position), ``started`` and ``progress`` are reported to it on the event loop.
+        """
         loop = asyncio.get_running_loop()
-        job = QueuedJob(request_id, work, loop, loop.create_future(),
-                        deadline=time.monotonic() + self.settings.queue_timeout_s)
+        sink = None
+        if events is not None:
+            def sink(name: str, data: dict[str, Any]) -> None:  # called from the worker thread
+                loop.call_soon_threadsafe(events, name, data)
+        job = QueuedJob(request_id, prepared.work, loop, loop.create_future(),
+                        deadline=time.monotonic() + self.settings.queue_timeout_s,
+                        on_start=ticket.release if ticket is not None else None, events=sink)
         self.worker.submit(job)
-        outcome = await self._wait(job, receive)
+        outcome = await self._wait(job, receive, events)
         if isinstance(outcome, ServiceError):
             raise outcome
 
@@ -171,7 +289,7 @@ class InferenceService:
         timings = {"queue": job.started_at - job.enqueued_at}
         timings.update({stage: stages.get(stage, 0.0) for stage in STAGES})
         timings["postprocess"] += time.perf_counter() - t_png
-        timings["total"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - prepared.t0
         for stage in STAGES:
             self.metrics.stage_duration.labels(stage).observe(timings[stage])
         self.metrics.inference_duration.observe(timings["total"])
@@ -179,14 +297,21 @@ class InferenceService:
         return Prediction(png, outcome.seed, width, height, outcome.regions, tuple(outcome.boxes), outcome.is_demo,
                           timings)
 
-    async def _wait(self, job: QueuedJob, receive: Receive) -> Outcome:
+    async def _wait(self, job: QueuedJob, receive: Receive | None, events: EventSink | None) -> Outcome:
         """The job's outcome; raises 499 if the client leaves, 504 if the job does not start in time."""
-        watcher = asyncio.ensure_future(_until_disconnected(receive))
+        watcher = asyncio.ensure_future(_until_disconnected(receive) if receive is not None else asyncio.Event().wait())
         waiters: set[asyncio.Future[Any]] = {job.future, watcher}
         taken = False
+        position = None
         try:
             while True:
                 timeout = None if taken else max(0.0, job.deadline - time.monotonic())
+                if events is not None and job.started_at is None:
+                    now = self.worker.position(job)
+                    if now is not None and now != position:
+                        position = now
+                        events("queued", {"position": now, "request_id": job.request_id})
+                    timeout = min(timeout if timeout is not None else POSITION_POLL_S, POSITION_POLL_S)
                 await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 if job.future.done():
                     return job.future.result()
@@ -194,6 +319,8 @@ class InferenceService:
                     log.info("request %s: client disconnected, job %s", job.request_id,
                              "stopping" if job.started_at is not None else "removed from the queue")
                     raise client_gone()
+                if time.monotonic() < job.deadline and job.started_at is None:
+                    continue  # woke up to report the queue position
                 if self.worker.withdraw(job):
                     raise queue_timeout(time.monotonic() - job.enqueued_at)
                 taken = True  # the worker took it just now: wait for the result

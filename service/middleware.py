@@ -2,9 +2,11 @@
 
 * :class:`RequestContextMiddleware`, outermost: a request id for every request, echoed as ``X-Request-ID``, and
   the request duration histogram by route template and status.
-* :class:`PredictGate`: admission of ``POST /predict`` *before its body is read*: API key, readiness, draining,
-  room in the queue, and the body size, counted while it streams in, so an oversized or unwelcome upload is
-  never read into memory or onto disk.
+* :class:`AdmissionGate`: the API key for every route but the public ones, and admission of ``POST /predict``
+  *before its body is read*: readiness, draining, room among the admitted requests and the concurrent uploads,
+  and the body size, counted while it streams in, so an oversized or unwelcome upload is never read into memory
+  or onto disk. Everything is keyed on the route path (the path under the app's ``root_path``), so it holds when
+  the app runs behind a path prefix (``uvicorn --root-path /api``) or is mounted inside another ASGI app.
 """
 
 from __future__ import annotations
@@ -27,6 +29,36 @@ REQUEST_ID_HEADER = "X-Request-ID"
 # A client's id is echoed only if it is short and plain: it ends up in headers and logs.
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
 ROUTE_KEY = "anydoor.route"  # scope key: the route template of a request answered before routing
+TICKET_KEY = "anydoor.ticket"  # scope key: the admission ticket of a /predict request
+BODY_END_KEY = "anydoor.body_complete"  # scope key: True once the multipart body's closing delimiter arrived
+PREDICT = "/predict"
+# Routes anyone may call, key or not: probes and scrapers carry no key.
+PUBLIC_ROUTES = frozenset({"/health/live", "/health/ready", "/health-check", "/metrics"})
+# Browser pages and their static files: they hold no data and do nothing by themselves; the studio asks for the
+# key and sends it with its API calls, /docs sends it with "Authorize". (The OpenAPI schema itself needs the key.)
+PUBLIC_PAGES = frozenset({"/", "/studio", "/docs", "/docs/oauth2-redirect", "/redoc"})
+PUBLIC_STATIC = ("/static/docs/", "/static/studio/")
+
+
+def is_public(path: str, method: str) -> bool:
+    """May ``method path`` (a route path) be called without the API key?"""
+    if path in PUBLIC_ROUTES:
+        return True
+    if {".", ".."} & set(path.split("/")) or "\\" in path or "%" in path:
+        return False  # never wave through a path that something downstream might normalise into another route
+    return method in ("GET", "HEAD") and (path in PUBLIC_PAGES or path.startswith(PUBLIC_STATIC))
+# Methods that get their own metrics label; anything else is counted as "other" (bounded label values).
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def route_path(scope: Scope) -> str:
+    """The path the app routes on: ``path`` without the ``root_path`` prefix (ASGI puts the full path in ``path``
+    and the mount point or proxy prefix in ``root_path``), without a trailing slash."""
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "") or ""
+    if root and (path == root or path.startswith(root.rstrip("/") + "/")):
+        path = path[len(root.rstrip("/")):]
+    return path.rstrip("/") or "/"
 
 
 def request_id_of(scope: Scope) -> str | None:
@@ -59,7 +91,8 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            self.metrics.http_duration.labels(self._route(scope), scope["method"], str(status)).observe(
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
+            self.metrics.http_duration.labels(self._route(scope), method, str(status)).observe(
                 time.perf_counter() - start)
 
     @staticmethod
@@ -70,48 +103,87 @@ class RequestContextMiddleware:
         return str(template) if template else "unmatched"
 
 
-class PredictGate:
-    def __init__(self, app: ASGIApp, service: InferenceService, path: str = "/predict") -> None:
+class AdmissionGate:
+    def __init__(self, app: ASGIApp, service: InferenceService) -> None:
         self.app = app
         self.service = service
-        self.path = path
         key = service.settings.api_key
         self._key_digest = hashlib.sha256(key.encode()).digest() if key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != self.path:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        error = self._admission(Headers(scope=scope))
+        path = route_path(scope)
+        predict = path == PREDICT and scope["method"] == "POST"
+        headers = Headers(scope=scope)
+        error = None
+        if self._key_digest is not None and not is_public(path, scope["method"]) and not self._authorized(
+                headers.get("authorization", "")):
+            error = ServiceError(ErrorCode.UNAUTHORIZED, "missing or wrong API key; send `Authorization: Bearer "
+                                 "<key>`", field="Authorization", headers={"WWW-Authenticate": "Bearer"})
+        elif predict:
+            error = self._predict_admission(headers)
         if error is not None:
-            scope[ROUTE_KEY] = self.path
-            response = error_response(error, request_id_of(scope), self.service.metrics)
-            await response(scope, receive, send)
+            scope[ROUTE_KEY] = PREDICT if path == PREDICT else "unmatched"
+            metrics = self.service.metrics if path == PREDICT else None
+            await error_response(error, request_id_of(scope), metrics)(scope, receive, send)
+            return
+        if not predict:
+            await self.app(scope, receive, send)
             return
 
+        ticket = self.service.admit()
+        if ticket is None:  # the last slot went between the check and here
+            scope[ROUTE_KEY] = PREDICT
+            await error_response(self.service.overloaded(), request_id_of(scope), self.service.metrics)(
+                scope, receive, send)
+            return
+        scope[TICKET_KEY] = ticket
+        upload = self.service.begin_upload()
+        if upload is None:
+            ticket.release()
+            scope[ROUTE_KEY] = PREDICT
+            await error_response(self.service.overloaded(), request_id_of(scope), self.service.metrics)(
+                scope, receive, send)
+            return
         limit = self.service.settings.max_body_bytes
+        closing = _closing_delimiter(headers.get("content-type", ""))
         received = 0
+        tail = b""
+        scope[BODY_END_KEY] = False
 
         async def counted_receive() -> Message:
-            nonlocal received
+            nonlocal received, tail
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                chunk = message.get("body", b"")
+                received += len(chunk)
                 if received > limit:
                     # Raised inside the form parser; ServiceError is an HTTPException, so FastAPI passes it on to
                     # the app's handler, which answers 413. The spooled files are closed by the parser.
                     raise payload_too_large("body", None, limit)
+                if closing and not scope[BODY_END_KEY]:
+                    # The closing delimiter may straddle chunks: search the previous chunk's tail too.
+                    window = tail + chunk
+                    scope[BODY_END_KEY] = closing in window
+                    tail = window[-len(closing):]
+                if not message.get("more_body", False):
+                    upload.release()
+            else:
+                upload.release()
             return message
 
-        await self.app(scope, counted_receive, send)
+        try:
+            await self.app(scope, counted_receive, send)
+        finally:
+            upload.release()
+            ticket.release()
 
-    def _admission(self, headers: Headers) -> ServiceError | None:
-        if self._key_digest is not None and not self._authorized(headers.get("authorization", "")):
-            return ServiceError(ErrorCode.UNAUTHORIZED, "missing or wrong API key; send `Authorization: Bearer <key>`",
-                                field="Authorization", headers={"WWW-Authenticate": "Bearer"})
+    def _predict_admission(self, headers: Headers) -> ServiceError | None:
         length = headers.get("content-length")
         limit = self.service.settings.max_body_bytes
-        if length is not None and length.isdigit() and int(length) > limit:
+        if length is not None and length.isdigit() and len(length) < 20 and int(length) > limit:
             return payload_too_large("body", int(length), limit)
         return self.service.admission_error()
 
@@ -121,3 +193,11 @@ class PredictGate:
         # Comparing digests keeps the comparison constant-time in the key's length as well as its content.
         given = hashlib.sha256(token.strip().encode()).digest()
         return scheme.lower() == "bearer" and hmac.compare_digest(given, self._key_digest)
+
+
+def _closing_delimiter(content_type: str) -> bytes | None:
+    """``--boundary--`` of a multipart content type (RFC 2046 5.1.1), or None for anything else."""
+    match = re.search(r"boundary=(\"[^\"]+\"|[^;\s]+)", content_type, re.IGNORECASE)
+    if not content_type.lower().startswith("multipart/") or match is None:
+        return None
+    return b"--" + match.group(1).strip('"').encode("latin-1") + b"--"

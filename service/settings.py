@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from model.config import DTYPE_NAMES
+from model.errors import ErrorCode
 from model.weights.download import is_url
 
 DTYPES = ("auto", *DTYPE_NAMES)
@@ -69,12 +70,15 @@ def _setting(
     metavar: str | None = None,
     choices: tuple[str, ...] | None = None,
     secret: bool = False,
+    limit: ErrorCode | None = None,
 ) -> Any:
-    """A :class:`Settings` field. ``flag=None`` keeps a setting out of the command line (secrets)."""
+    """A :class:`Settings` field. ``flag=None`` keeps a setting out of the command line (secrets). ``limit`` marks a
+    bound on what one request may make the server hold or do, with the code a request over it is refused with;
+    those fields make the README's limits table."""
     return field(
         default=default,
         metadata={"env": env, "help": help, "parse": parse, "flag": flag, "metavar": metavar, "choices": choices,
-                  "secret": secret},
+                  "secret": secret, "limit": limit},
     )
 
 
@@ -108,22 +112,44 @@ class Settings:
         "127.0.0.1", "ANYDOOR_HOST", "Address to listen on (0.0.0.0 in a container).", str.strip, flag="--host",
         metavar="ADDR")
     port: int = _setting(8000, "ANYDOOR_PORT", "TCP port to listen on.", _int, flag="--port", metavar="N")
+    root_path: str = _setting(
+        "", "ANYDOOR_ROOT_PATH", "The path prefix a reverse proxy serves the app under (e.g. `/api`), as uvicorn's "
+        "`--root-path`; routes, the API key and the limits hold with or without it.", str.strip, flag="--root-path",
+        metavar="PREFIX")
     max_queue: int = _setting(
-        16, "ANYDOOR_MAX_QUEUE", "Requests that may wait for the GPU; one more gets 429 with Retry-After.", _int,
-        flag="--max-queue", metavar="N")
+        16, "ANYDOOR_MAX_QUEUE", "Requests that may be admitted and not yet started on the GPU (uploading, "
+        "preprocessing or queued); one more gets 429 with Retry-After, before its body is read.", _int,
+        flag="--max-queue", metavar="N", limit=ErrorCode.OVERLOADED)
     queue_timeout_s: float = _setting(
         60.0, "ANYDOOR_QUEUE_TIMEOUT_S", "A request that has waited this long without starting gets 504.", _float,
         flag="--queue-timeout-s", metavar="SECONDS")
     max_upload_mb: float = _setting(
         20.0, "ANYDOOR_MAX_UPLOAD_MB", "Largest accepted file per upload field, in MiB (413 above). The whole request "
-        "body may be at most 4 times this plus 1 MiB.", _float, flag="--max-upload-mb", metavar="MIB")
+        "body may be at most 4 times this plus 1 MiB.", _float, flag="--max-upload-mb", metavar="MIB",
+        limit=ErrorCode.PAYLOAD_TOO_LARGE)
     max_pixels: int = _setting(
         16_777_216, "ANYDOOR_MAX_PIXELS", "Largest accepted image, width x height, checked from the header before "
         "decoding (decompression bombs). Queued requests hold their decoded background: budget about "
-        "4 bytes per pixel per queued request.", _int, flag="--max-pixels", metavar="N")
+        "4 bytes per pixel per queued request.", _int, flag="--max-pixels", metavar="N",
+        limit=ErrorCode.TOO_MANY_PIXELS)
+    max_regions: int = _setting(
+        8, "ANYDOOR_MAX_REGIONS", "Most target regions in one request (boxes, or separate regions of a mask), counted "
+        "before anything is built for them: each costs a full generation on the one GPU worker.", _int,
+        flag="--max-regions", metavar="N", limit=ErrorCode.TOO_MANY_REGIONS)
+    max_form_fields: int = _setting(
+        32, "ANYDOOR_MAX_FORM_FIELDS", "Most parts (fields and files) in one multipart request.", _int,
+        flag="--max-form-fields", metavar="N", limit=ErrorCode.TOO_MANY_FIELDS)
+    max_field_chars: int = _setting(
+        4096, "ANYDOOR_MAX_FIELD_CHARS", "Longest text field (a parameter, the boxes) in characters.", _int,
+        flag="--max-field-chars", metavar="N", limit=ErrorCode.FIELD_TOO_LONG)
+    max_uploads: int = _setting(
+        4, "ANYDOOR_MAX_UPLOADS", "Request bodies read at the same time; one more gets 429 before its body is read, so "
+        "concurrent uploads hold at most this many bodies in memory or on disk.", _int, flag="--max-uploads",
+        metavar="N", limit=ErrorCode.OVERLOADED)
     api_key: str | None = _setting(
-        None, "ANYDOOR_API_KEY", "When set, POST /predict requires `Authorization: Bearer <key>` (401 otherwise); "
-        "health and metrics stay open. Environment only, so the key never shows in a process list.", _text,
+        None, "ANYDOOR_API_KEY", "When set, every route but the health checks and /metrics requires "
+        "`Authorization: Bearer <key>` (401 otherwise), under any path prefix. Environment only, so the key never "
+        "shows in a process list.", _text,
         secret=True)
     shutdown_grace_s: float = _setting(
         20.0, "ANYDOOR_SHUTDOWN_GRACE_S", "On SIGTERM, queued and running requests get this long to finish; then "
@@ -151,6 +177,31 @@ class Settings:
     log_level: str = _setting(
         "info", "ANYDOOR_LOG_LEVEL", "Log level of the service and of uvicorn.", lambda raw: raw.strip().lower(),
         flag="--log-level", choices=LOG_LEVELS)
+    # Slow and idle clients (service/connections.py): each costs one socket for a bounded time.
+    header_timeout_s: float = _setting(
+        10.0, "ANYDOOR_HEADER_TIMEOUT_S", "A connection must deliver its whole request head (request line and "
+        "headers) within this time of being accepted (or, on a kept-alive connection, of the first byte of its next "
+        "request), else it is closed (408 if it sent part of one). Also closes connections that send nothing.",
+        _float, flag="--header-timeout-s", metavar="SECONDS")
+    body_timeout_s: float = _setting(
+        120.0, "ANYDOOR_BODY_TIMEOUT_S", "The whole request body must arrive within this time after the head, else "
+        "408 and the connection is closed. The largest body (81 MiB at the default upload limit) then needs about "
+        "6 Mbit/s; a typical request of a few MB, well under 1 Mbit/s.", _float, flag="--body-timeout-s",
+        metavar="SECONDS")
+    idle_timeout_s: float = _setting(
+        15.0, "ANYDOOR_IDLE_TIMEOUT_S", "Longest silence allowed while a request body streams in (408, closed), and "
+        "longest a response may wait for the client to read it (closed).", _float, flag="--idle-timeout-s",
+        metavar="SECONDS")
+    keep_alive_s: int = _setting(
+        5, "ANYDOOR_KEEP_ALIVE_S", "An idle kept-alive connection is closed after this many seconds (0: close after "
+        "every response).", _int, flag="--keep-alive-s", metavar="SECONDS")
+    max_connections: int = _setting(
+        256, "ANYDOOR_MAX_CONNECTIONS", "Open connections served normally. At the cap a new connection evicts the "
+        "one that has waited longest (over 0.25 s) for its request head; failing that, one eighth more (at least 8), "
+        "then 16 more that send their request at once, serve health checks and metrics only (other requests get 429 "
+        "`overloaded`), and connections past those are dropped. Lowered at start, with a warning, where it does not "
+        "fit under the open-files limit (RLIMIT_NOFILE, raised to its hard limit first).", _int,
+        flag="--max-connections", metavar="N")
 
     def __post_init__(self) -> None:
         def fail(name: str, message: str) -> None:
@@ -178,6 +229,8 @@ class Settings:
             fail("log_level", f"expected one of {', '.join(LOG_LEVELS)}")
         if not 0 <= self.port <= 65535:
             fail("port", "expected 0..65535")
+        if self.root_path and (not self.root_path.startswith("/") or self.root_path.endswith("/")):
+            fail("root_path", "expected a path like /api (a leading slash, no trailing one)")
         if self.max_queue < 1:
             fail("max_queue", "expected at least 1")
         if self.max_batch < 1:
@@ -193,6 +246,23 @@ class Settings:
             fail("shutdown_delay_s", "expected 0 or more")
         if self.max_pixels < 64 * 64:
             fail("max_pixels", "expected at least 4096")
+        for name in ("max_regions", "max_form_fields", "max_uploads"):
+            if getattr(self, name) < 1:
+                fail(name, "expected at least 1")
+        if self.max_form_fields < 6:
+            fail("max_form_fields", "expected at least 6 (the images and a box)")
+        if self.max_field_chars < 64:
+            fail("max_field_chars", "expected at least 64")
+        # Upper bounds too: a deadline of hours would make the guard against slow clients meaningless.
+        for name, top in (("header_timeout_s", 300), ("body_timeout_s", 3600), ("idle_timeout_s", 600)):
+            if not 0 < getattr(self, name) <= top:
+                fail(name, f"expected more than 0 and at most {top}")
+        if self.idle_timeout_s > self.body_timeout_s:
+            fail("idle_timeout_s", "expected at most ANYDOOR_BODY_TIMEOUT_S")
+        if not 0 <= self.keep_alive_s <= 300:
+            fail("keep_alive_s", "expected 0..300")
+        if not 1 <= self.max_connections <= 1_000_000:
+            fail("max_connections", "expected 1..1000000")
 
     # --- construction ---------------------------------------------------------------------------------------
 
@@ -245,6 +315,17 @@ def _default_text(f: Any) -> str:
     return f"`{default}`"
 
 
+def limits_table() -> str:
+    """The Markdown table of the per-request limits (the settings marked ``limit``), as the README shows it."""
+    rows = ["| Limit | Variable | Default | Refused with |", "| --- | --- | --- | --- |"]
+    for f in fields(Settings):
+        code = f.metadata["limit"]
+        if code is not None:
+            first = f.metadata["help"].split(". ")[0].rstrip(".")
+            rows.append(f"| {first} | `{f.metadata['env']}` | {_default_text(f)} | `{code.value}` |")
+    return "\n".join(rows) + "\n"
+
+
 def settings_table() -> str:
     """The Markdown table of every setting, as the README shows it."""
     rows = ["| Variable | Flag of `anydoor serve` | Default | Meaning |", "| --- | --- | --- | --- |"]
@@ -255,4 +336,6 @@ def settings_table() -> str:
 
 
 if __name__ == "__main__":
-    print(settings_table(), end="")
+    import sys
+
+    print(limits_table() if sys.argv[1:] == ["--limits"] else settings_table(), end="")

@@ -30,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -71,7 +71,7 @@ class Pipeline(Protocol):
     def dtype(self) -> torch.dtype: ...
 
     def prepare(self, inputs: GenerationInputs, params: GenerationParams, *,
-                max_pixels: int | None = None) -> Job: ...
+                max_pixels: int | None = None, max_regions: int | None = None) -> Job: ...
 
     def run(self, jobs: Sequence[Job], *, progress: ProgressFn | None = None,
             should_cancel: Callable[[], bool] | None = None) -> list[GenerationResult]: ...
@@ -97,6 +97,9 @@ class QueuedJob:
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
+    on_start: Callable[[], None] | None = None  # called (on the worker thread) when the job leaves the queue to run
+    # Progress events for a streaming client, called from the worker thread: ("started" | "progress", data).
+    events: Callable[[str, dict[str, Any]], None] | None = None
 
     def resolve(self, outcome: Outcome) -> None:
         """Hand ``outcome`` to the waiting request (from any thread). A request that is gone ignores it."""
@@ -134,7 +137,8 @@ class GpuWorker:
         self._running: list[QueuedJob] = []
         self._drain_deadline: float | None = None
         self._stopping = False
-        self._job_seconds = 1.0  # moving average of one job's GPU time, for Retry-After
+        self._batch_seconds = 1.0  # moving average of one batch's GPU time, for Retry-After
+        self._batch_started: float | None = None
         self.pipeline: Pipeline | None = None
         self.state = WorkerState.STARTING
         self.setup_error: str | None = None
@@ -166,12 +170,13 @@ class GpuWorker:
 
     # --- the request side -------------------------------------------------------------------------------------
 
-    def prepare(self, inputs: GenerationInputs, params: GenerationParams, *, max_pixels: int) -> Job:
+    def prepare(self, inputs: GenerationInputs, params: GenerationParams, *, max_pixels: int,
+                max_regions: int) -> Job:
         """Validate and preprocess one request (CPU only, any thread): :meth:`AnyDoorPipeline.prepare`."""
         pipe = self.pipeline
         if pipe is None:
             raise RuntimeError("the model is not loaded yet")
-        return pipe.prepare(inputs, params, max_pixels=max_pixels)
+        return pipe.prepare(inputs, params, max_pixels=max_pixels, max_regions=max_regions)
 
     def submit(self, job: QueuedJob) -> None:
         """Queue ``job``; raise 429 ``overloaded`` when the queue is full, 503 when shutting down."""
@@ -196,13 +201,31 @@ class GpuWorker:
     def queue_depth(self) -> int:
         return len(self._queue)
 
+    def position(self, job: QueuedJob) -> int | None:
+        """``job``'s place in the queue, 1 for the next to start; None once it has left the queue."""
+        with self._cond:
+            for index, queued in enumerate(self._queue):
+                if queued is job:
+                    return index + 1
+        return None
+
     @property
     def queue_full(self) -> bool:
         return len(self._queue) >= self.max_queue
 
-    def retry_after_s(self) -> int:
-        """A ``Retry-After`` hint: the time the jobs ahead need (a conservative estimate that spreads retries)."""
-        return max(1, min(300, math.ceil(self._job_seconds * (len(self._queue) + len(self._running) or 1))))
+    def retry_after_s(self, waiting: int | None = None) -> int:
+        """A ``Retry-After`` hint: when the worker should be able to take one more request.
+
+        From the measured batch time: what is left of the running batch, plus one batch time per ``max_batch``
+        requests waiting ahead (``waiting``: admitted and not started; the queue if not given), minus the batch
+        that frees the slot. At least 1 s, at most 300 s."""
+        ahead = len(self._queue) if waiting is None else waiting
+        remaining = 0.0
+        started = self._batch_started
+        if started is not None:
+            remaining = max(0.0, self._batch_seconds - (time.monotonic() - started))
+        batches_ahead = max(0, math.ceil(ahead / max(1, self.max_batch)) - 1)
+        return max(1, min(300, math.ceil(remaining + batches_ahead * self._batch_seconds)))
 
     # --- the worker thread ----------------------------------------------------------------------------------
 
@@ -241,8 +264,8 @@ class GpuWorker:
         result = pipe.run([pipe.prepare(inputs, params)])[0]
         background = inputs.background
         assert isinstance(background, np.ndarray) and result.image.size == background.shape[1::-1]
-        self._job_seconds = time.perf_counter() - t0
-        log.info("warm-up generation (%d steps) passed in %.2f s", self._warmup_steps, self._job_seconds)
+        self._batch_seconds = time.perf_counter() - t0
+        log.info("warm-up generation (%d steps) passed in %.2f s", self._warmup_steps, self._batch_seconds)
         self.pipeline = pipe
 
     def _take_jobs(self) -> list[QueuedJob]:
@@ -281,8 +304,13 @@ class GpuWorker:
                     break
                 self._cond.wait(remaining)
             now = time.monotonic()
+            self._batch_started = now
             for job in taken:
                 job.started_at = now
+                if job.on_start is not None:
+                    job.on_start()
+                if job.events is not None:
+                    job.events("started", {"request_id": job.request_id})
             self._running = taken
             return taken
 
@@ -341,13 +369,14 @@ class GpuWorker:
             self._metrics.running.set(0)
             with self._cond:
                 self._running = []
+                self._batch_started = None
         if out_of_memory:
             # Outside the except block, so the traceback's frames (and the tensors they hold) are already gone.
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         if results is not None:
-            self._job_seconds = 0.8 * self._job_seconds + 0.2 * (time.perf_counter() - t0) / len(jobs)
+            self._batch_seconds = 0.7 * self._batch_seconds + 0.3 * (time.perf_counter() - t0)
             for job, result in zip(jobs, results, strict=True):
                 job.resolve(result)
         else:
@@ -357,6 +386,11 @@ class GpuWorker:
 
     def _on_step(self, step: int, total: int, t: int) -> None:
         self._metrics.steps.inc()
+        running = self._running
+        for job in running:
+            if job.events is not None and job.started_at is not None:
+                job.events("progress", {"step": step, "total": total,
+                                        "elapsed_s": round(time.monotonic() - job.started_at, 3)})
 
     def _batch_cancelled(self, jobs: Sequence[QueuedJob]) -> bool:
         """A batch stops only when every job in it is cancelled (or the grace period is over)."""

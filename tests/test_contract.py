@@ -20,7 +20,7 @@ from model.errors import ErrorCode, InputError
 from model.pipeline import INPUT_FIELDS, GenerationParams, param_specs
 from model.pipeline.params import params_table
 from service.errors import HTTP_STATUS, error_table
-from service.settings import Settings, settings_table
+from service.settings import Settings, limits_table, settings_table
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -132,7 +132,8 @@ def test_cli_flags_are_the_spec() -> None:
 
 
 def test_readme_tables_are_the_generated_ones() -> None:
-    for name, table in (("parameters", params_table()), ("errors", error_table()), ("settings", settings_table())):
+    for name, table in (("parameters", params_table()), ("errors", error_table()), ("settings", settings_table()),
+                        ("limits", limits_table())):
         assert table in README, f"README's {name} table is stale: paste `python -m ...` output ({name})"
 
 

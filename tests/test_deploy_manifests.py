@@ -275,16 +275,37 @@ def test_dockerfile_matches_the_service(get_routes: set[str]) -> None:
 
 
 def test_dockerfile_installs_with_the_ci_script() -> None:
-    """The image's only install step is scripts/setup.sh, the script .ci/run uses; only TORCH_SPEC differs."""
+    """The image's only install step is scripts/setup.sh, the script .ci/run uses; only ANYDOOR_TORCH=cuda differs."""
     installs = [a for a in instructions("RUN") if "pip" in a or "setup.sh" in a]
     assert len(installs) == 1 and "bash scripts/setup.sh" in installs[0]
     ci = (ROOT / ".ci" / "run").read_text()
     assert re.search(r"^bash scripts/setup\.sh --test$", ci, re.M)
-    # The image's torch is CI's version (the CUDA build from PyPI instead of the CPU build).
+    # The image's torch is CI's version (setup.sh's TORCH_VERSION; no override by default), in the CUDA build: the
+    # build has no GPU for the script to detect.
     setup = (ROOT / "scripts" / "setup.sh").read_text()
-    ci_torch = re.search(r"TORCH_SPEC:-(torch==[\d.]+)", setup)
-    image_torch = re.search(r'ARG TORCH_SPEC="(torch==[\d.]+)"', (ROOT / "Dockerfile").read_text())
-    assert ci_torch and image_torch and ci_torch.group(1) == image_torch.group(1)
+    assert re.search(r'^TORCH_VERSION="[\d.]+"$', setup, re.M)
+    assert "ANYDOOR_TORCH=cuda " in installs[0] and 'TORCH_SPEC=""' in instructions("ARG")
+    assert "ANYDOOR_TORCH" not in ci
+
+
+def test_one_cuda_version_everywhere() -> None:
+    """The Docker base image, Cog's image, setup.sh's torch index and the docs name the same CUDA version."""
+    (base,) = [a for a in instructions("ARG") if a.startswith("BASE_IMAGE=")]
+    m = re.fullmatch(r"BASE_IMAGE=nvidia/cuda:(\d+\.\d+)\.\d+-\S+", base)
+    assert m, base
+    version = m.group(1)
+    assert str(yaml.safe_load((ROOT / "cog.yaml").read_text())["build"]["cuda"]) == version
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert re.findall(r'^CUDA_VERSION="([\d.]+)"$', setup, re.M) == [version]
+    assert 'CUDA_INDEX="${TORCH_INDEX}/cu${CUDA_VERSION//./}"' in setup  # cu128 for 12.8, torch's index naming
+
+    # Every CUDA version any of them mentions, in prose, an image tag, a setting or a torch index URL (cu128).
+    spelled = [r"CUDA (\d+\.\d+)", r"nvidia/cuda:(\d+\.\d+)", r'CUDA_VERSION="(\d+\.\d+)"', r'cuda: "(\d+\.\d+)"']
+    for name in ("scripts/setup.sh", "README.md", "cog.yaml", "Dockerfile", "deploy/cog/requirements.txt"):
+        text = (ROOT / name).read_text()
+        named = {v for pattern in spelled for v in re.findall(pattern, text)}
+        named |= {f"{major}.{minor}" for major, minor in re.findall(r"/whl/cu(\d\d)(\d)\b", text)}
+        assert named == {version}, f"{name} names CUDA {sorted(named)}, not just {version}"
 
 
 @pytest.mark.slow

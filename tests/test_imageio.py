@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 import warnings
 import zlib
 from pathlib import Path
@@ -13,7 +14,19 @@ import pytest
 from PIL import Image, ImageFile
 
 from model.errors import ErrorCode, InputError
-from model.imaging.decode import DEFAULT_MAX_PIXELS, load_image, load_mask, load_reference, mask_from_arrays
+from model.imaging.decode import (
+    ACCEPTED_FORMATS,
+    DEFAULT_MAX_PIXELS,
+    MAX_GIF_BLOCKS,
+    MAX_JPEG_SCANS,
+    MAX_JPEG_SEGMENTS,
+    MAX_JUNK_BYTES,
+    MAX_PNG_CHUNKS,
+    load_image,
+    load_mask,
+    load_reference,
+    mask_from_arrays,
+)
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (30, 40, 3), dtype=np.uint8)
@@ -47,13 +60,65 @@ def rejected(call, *args, **kwargs) -> InputError:
 # ---------------------------------------------------------------------------------------------------- images
 
 
-@pytest.mark.parametrize("fmt, lossless", [("PNG", True), ("WEBP", True), ("JPEG", False)])
+FEW_COLOURS = (RGB // 64 * 64).astype(np.uint8)  # 64 colours: a GIF's palette holds them exactly
+
+
+@pytest.mark.parametrize("fmt, lossless", [("PNG", True), ("WEBP", True), ("JPEG", False), ("GIF", True),
+                                           ("BMP", True)])
 def test_formats_decode_to_rgb_uint8(fmt: str, lossless: bool) -> None:
+    assert fmt in ACCEPTED_FORMATS
     options = {"lossless": True} if fmt == "WEBP" else {}
-    image = load_image(encode(Image.fromarray(RGB), fmt, **options), field="background")
+    source = FEW_COLOURS if fmt == "GIF" else RGB
+    image = load_image(encode(Image.fromarray(source), fmt, **options), field="background")
     assert image.shape == (30, 40, 3) and image.dtype == np.uint8
     if lossless:
-        np.testing.assert_array_equal(image, RGB)
+        np.testing.assert_array_equal(image, source)
+
+
+@pytest.mark.parametrize("fmt", ["WEBP", "GIF", "PNG"])
+def test_alpha_formats_give_the_reference_mask(fmt: str) -> None:
+    rgba = np.dstack([FEW_COLOURS, DISC.astype(np.uint8) * 255])
+    image = Image.fromarray(rgba, "RGBA")
+    options: dict[str, object] = {"lossless": True, "exact": True} if fmt == "WEBP" else {}
+    if fmt == "GIF":  # one palette index is the transparent one
+        image = image.convert("P")
+        options = {"transparency": int(np.asarray(image)[0, 0])}
+    rgb, mask = load_reference(encode(image, fmt, **options))
+    np.testing.assert_array_equal(mask, DISC)
+    if fmt != "GIF":
+        np.testing.assert_array_equal(rgb, FEW_COLOURS)
+
+
+def test_top_down_and_one_bit_bmp() -> None:
+    data = bytearray(encode(Image.fromarray(RGB), "BMP"))
+    data[22:26] = struct.pack("<i", -30)  # a negative height: the same rows stored top to bottom
+    np.testing.assert_array_equal(load_image(bytes(data), field="background"), RGB[::-1])
+    mask = load_mask(encode(Image.fromarray(DISC).convert("1"), "BMP"), field="m", size=(30, 40))
+    np.testing.assert_array_equal(mask, DISC)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG"])
+def test_animations_decode_their_first_frame_only(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    frames = [Image.new("RGB", (40, 30), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    options = {"lossless": True} if fmt == "WEBP" else {}
+    data = encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=40, **options)
+    plugin = type(Image.open(io.BytesIO(data)))
+    for name in ("n_frames", "is_animated"):
+        if isinstance(getattr(plugin, name, None), property):  # GIF: counting frames walks the whole file
+            monkeypatch.setattr(plugin, name, property(lambda self: pytest.fail("the frames were counted")))
+    image = load_image(data, field="background")
+    assert image.shape == (30, 40, 3)
+    assert (image == (255, 0, 0)).all()
+
+
+def test_a_huge_frame_count_costs_nothing() -> None:
+    frames = [Image.new("RGB", (64, 64), colour) for colour in ((255, 0, 0), (0, 255, 0))]
+    gif = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    second = gif.index(b"!\xf9", gif.index(b",") + 1)  # the second frame's control block, up to the trailer
+    data = gif[:second] + gif[second:-1] * 100_000 + b";"  # 100,001 frames, ~14 MB
+    started = time.perf_counter()
+    assert (load_image(data, field="background") == (255, 0, 0)).all()
+    assert time.perf_counter() - started < 1.0
 
 
 def test_paths_pil_images_and_arrays_are_accepted(tmp_path: Path) -> None:
@@ -111,9 +176,9 @@ def test_sixteen_bit_greyscale_is_scaled() -> None:
 
 def test_thirty_two_bit_integer_image() -> None:
     values = (np.arange(30 * 40).reshape(30, 40) * 54).astype(np.int32)
-    data = encode(Image.fromarray(values), "TIFF")
-    assert Image.open(io.BytesIO(data)).mode == "I"
-    np.testing.assert_array_equal(load_image(data, field="background")[..., 1], np.rint(values / 257))
+    image = Image.fromarray(values)  # mode I: a Pillow image given directly (no accepted file format holds it)
+    assert image.mode == "I"
+    np.testing.assert_array_equal(load_image(image, field="background")[..., 1], np.rint(values / 257))
 
 
 def test_cmyk_image() -> None:
@@ -134,10 +199,88 @@ def test_alpha_is_dropped_without_compositing() -> None:
     np.testing.assert_array_equal(load_image(encode(Image.fromarray(rgba, "RGBA")), field="background"), RGB)
 
 
-@pytest.mark.parametrize("data", [b"", b"hello world", b"\x00" * 100, b"<svg xmlns='http://www.w3.org/2000/svg'/>"])
+@pytest.mark.parametrize("data", [b"", b"hello world", b"\x00" * 100, b"BMW is not a bitmap", b"<html></html>",
+                                  b"RIFF\x24\x00\x00\x00WAVEfmt ", b"GIF89a", b"\x89PNG\r\n\x1a\n"])
 def test_not_an_image(data: bytes) -> None:
     error = rejected(load_image, data, field="background")
     assert (error.field, error.code) == ("background", "not_an_image")
+    if data:
+        assert "PNG, JPEG, WebP, GIF, BMP" in error.message or "starts like a" in error.message
+
+
+def _pillow_file(fmt: str, image: Image.Image | None = None) -> bytes:
+    try:
+        return encode(image or Image.fromarray(RGB), fmt)
+    except (KeyError, OSError) as exc:  # a codec this Pillow build lacks
+        pytest.skip(f"Pillow cannot write {fmt}: {exc}")
+
+
+REFUSED = {
+    "EPS": lambda: _pillow_file("EPS"),
+    "EPS header": lambda: b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 40 30\n",
+    "PostScript": lambda: b"%!PS\n/Times-Roman findfont\n",
+    "PDF": lambda: _pillow_file("PDF"),
+    "SVG": lambda: b"<svg xmlns='http://www.w3.org/2000/svg'/>",
+    "SVG document": lambda: b'\xef\xbb\xbf<?xml version="1.0"?>\n<!-- a drawing -->\n<svg width="4" height="4"></svg>',
+    "TIFF": lambda: _pillow_file("TIFF"),
+    "AVIF": lambda: _pillow_file("AVIF"),
+    "JPEG 2000": lambda: _pillow_file("JPEG2000"),
+    "DDS": lambda: _pillow_file("DDS"),
+    "BLP": lambda: b"BLP2" + bytes(148),
+    "ICNS": lambda: _pillow_file("ICNS"),
+    "ICO": lambda: _pillow_file("ICO"),
+    "PSD": lambda: b"8BPS\x00\x01" + bytes(32),
+    "QOI": lambda: _pillow_file("QOI"),
+    "PCX": lambda: _pillow_file("PCX"),
+    "Netpbm": lambda: _pillow_file("PPM"),
+    "HEIC": lambda: b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic",
+}
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_refused_formats_are_unsupported_format(name: str) -> None:
+    error = rejected(load_image, REFUSED[name](), field="reference_mask")
+    assert (error.field, error.code) == ("reference_mask", "unsupported_format")
+    assert name.split()[0] in error.message  # the format is named
+    assert "accepted formats: PNG, JPEG, WebP, GIF, BMP" in error.message
+    assert str(error).startswith("reference_mask: ")
+
+
+def test_eps_never_reaches_ghostscript(monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import EpsImagePlugin
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: pytest.fail("Ghostscript was called"))
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: pytest.fail("the EPS plugin ran"))
+    assert rejected(load_image, _pillow_file("EPS"), field="background").code == "unsupported_format"
+
+
+def test_spider_has_no_signature_and_is_not_an_image() -> None:
+    # SPIDER is recognised by Pillow from float values, not a signature: it is not an image we know of at all.
+    data = _pillow_file("SPIDER", Image.fromarray(RGB[..., 0]).convert("F"))
+    assert rejected(load_image, data, field="background").code == "not_an_image"
+
+
+def test_only_the_recognised_plugin_may_open_the_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[object] = []
+    real_open = Image.open
+
+    def spy(fp: object, mode: str = "r", formats: object = None) -> Image.Image:
+        calls.append(formats)
+        return real_open(fp, mode, formats)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Image, "open", spy)
+    load_image(encode(Image.fromarray(RGB), "WEBP"), field="background")
+    assert calls == [["WEBP"]]
+
+
+def test_rle_bmp_is_refused() -> None:
+    palette = bytes(4 * 256)
+    body = b"\x28\x07\x00\x00" * 30 + b"\x00\x01"  # 40 pixels of index 7 then end-of-line, per row
+    info = struct.pack("<IiiHHIIiiII", 40, 40, 30, 1, 8, 1, len(body), 0, 0, 256, 0)
+    offset = 14 + len(info) + len(palette)
+    data = b"BM" + struct.pack("<IHHI", offset + len(body), 0, 0, offset) + info + palette + body
+    error = rejected(load_image, data, field="background")
+    assert error.code == "unsupported_format" and "RLE8" in error.message
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
@@ -162,13 +305,44 @@ def test_corrupt_png_data_is_rejected() -> None:
     assert rejected(load_image, bytes(data), field="background").code == "truncated_image"
 
 
-@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow warns; our limit decides
-@pytest.mark.parametrize("width, height", [(9_000, 9_000), (12_000, 10_000)])  # below / above Pillow's warning
+@pytest.mark.parametrize("width, height", [(9_000, 9_000), (12_000, 10_000), (20_000, 20_000)])
 def test_too_many_pixels_is_checked_before_decoding(width: int, height: int) -> None:
-    # The file has no pixel data: decoding it would report a truncated image, so this proves the order.
-    error = rejected(load_image, png_header_only(width, height), field="background")
+    # The file has no pixel data: decoding it would report a truncated image, so this proves the order. The
+    # sizes are below, between and above Pillow's warning and error: ours is checked first, so neither fires.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        error = rejected(load_image, png_header_only(width, height), field="background")
     assert (error.field, error.code) == ("background", "too_many_pixels")
     assert f"{width}x{height}" in error.message
+    assert f"at most {DEFAULT_MAX_PIXELS} pixels" in error.message
+    assert not isinstance(error.__cause__, (Image.DecompressionBombError, Image.DecompressionBombWarning))
+
+
+def test_bomb_messages_cite_the_services_limit() -> None:
+    for data in (png_header_only(20_000, 20_000), png_header_only(100, 100)):
+        error = rejected(load_image, data, field="background", max_pixels=5_000)
+        assert error.code == "too_many_pixels"
+        assert "at most 5000 pixels" in error.message
+        assert str(Image.MAX_IMAGE_PIXELS) not in error.message and "DOS" not in error.message
+
+
+def _webp_canvas(width: int, height: int) -> bytes:
+    """A WebP whose extended header announces a ``width`` x ``height`` canvas (libwebp allocates it on open)."""
+    payload = encode(Image.new("RGB", (8, 8)), "WEBP", lossless=True)[12:]
+    vp8x = b"VP8X" + struct.pack("<I", 10) + bytes(4) + (width - 1).to_bytes(3, "little")
+    vp8x += (height - 1).to_bytes(3, "little")
+    return b"RIFF" + struct.pack("<I", 4 + len(vp8x) + len(payload)) + b"WEBP" + vp8x + payload
+
+
+@pytest.mark.parametrize("data, size", [
+    (lambda: _webp_canvas(16_384, 16_384), "16384x16384"),
+    (lambda: b"GIF89a\x10\x00\x10\x00\x00\x00\x00,\x00\x00\x00\x00\xff\xff\xff\xff\x00\x02\x02D\x01\x00;",
+     "65535x65535"),  # a first frame far larger than the GIF's screen: Pillow grows the canvas to hold it
+    (lambda: b"BM" + bytes(12) + struct.pack("<IIIHH", 40, 0xFFFFFFFF, 2, 1, 24) + bytes(24), "4294967295x2"),
+], ids=["webp-canvas", "gif-frame", "bmp-unsigned-width"])
+def test_header_sizes_are_read_as_pillow_reads_them(data, size: str) -> None:
+    error = rejected(load_image, data(), field="background", max_pixels=10_000)
+    assert error.code == "too_many_pixels" and size in error.message and "at most 10000 pixels" in error.message
 
 
 def test_header_beyond_pillows_bomb_limit() -> None:
@@ -189,6 +363,10 @@ def test_pillow_decompression_bomb_error_is_mapped(monkeypatch: pytest.MonkeyPat
     data = encode(Image.fromarray(RGB))
     error = rejected(load_image, data, field="reference", max_pixels=10**9)
     assert (error.field, error.code) == ("reference", "too_many_pixels")
+    assert "1000000000 pixels" in error.message and "DOS" not in error.message  # ours, never Pillow's text
+    # Where our limit is the lower one, ours decides first and the message has the size.
+    error = rejected(load_image, data, field="reference", max_pixels=500)
+    assert "40x30 (1200 pixels); at most 500 pixels" in error.message
 
 
 def test_pillow_decompression_bomb_warning_as_error_is_mapped(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -200,6 +378,75 @@ def test_pillow_decompression_bomb_warning_as_error_is_mapped(monkeypatch: pytes
     assert (error.field, error.code) == ("background", "too_many_pixels")
     with pytest.warns(Image.DecompressionBombWarning):  # a plain warning: our own limit decides
         assert load_image(data, field="background", max_pixels=10**9).shape == (30, 40, 3)
+
+
+def test_jpeg_with_too_many_scans_is_refused_before_decoding() -> None:
+    data = encode(Image.fromarray(RGB), "JPEG", progressive=True)
+    last_scan = data.rindex(b"\xff\xda")
+    tables = data.rfind(b"\xff\xc4", 0, last_scan)  # the Huffman table the last scan needs, with it
+    scan = data[tables if tables > data.rfind(b"\xff\xda", 0, last_scan) else last_scan : -2]
+    assert load_image(data[:-2] + scan * 20 + b"\xff\xd9", field="background").shape == (30, 40, 3)
+    error = rejected(load_image, data[:-2] + scan * (MAX_JPEG_SCANS + 1) + b"\xff\xd9", field="background")
+    assert error.code == "unsupported_format" and f"more than {MAX_JPEG_SCANS} scans" in error.message
+
+
+def test_png_with_too_many_chunks_is_refused() -> None:
+    data = encode(Image.fromarray(RGB))
+    filler = struct.pack(">I", 0) + b"zzZz" + struct.pack(">I", zlib.crc32(b"zzZz"))  # an empty private chunk
+    assert load_image(data[:33] + filler * 1_000 + data[33:], field="background").shape == (30, 40, 3)
+    error = rejected(load_image, data[:33] + filler * MAX_PNG_CHUNKS + data[33:], field="background")
+    assert error.code == "unsupported_format" and "chunks" in error.message
+
+
+@pytest.mark.parametrize("case", ["jpeg-segments", "jpeg-fill", "gif-blocks", "gif-junk"])
+def test_per_segment_costs_are_bounded(case: str) -> None:
+    jpeg, gif = encode(Image.fromarray(RGB), "JPEG"), encode(Image.fromarray(FEW_COLOURS), "GIF")
+    frame = gif.index(b",")
+    data = {
+        "jpeg-segments": jpeg[:2] + b"\xff\xfe\x00\x02" * (MAX_JPEG_SEGMENTS + 1) + jpeg[2:],  # empty comments
+        "jpeg-fill": jpeg[:2] + b"\xff" * (MAX_JUNK_BYTES + 2) + jpeg[2:],
+        "gif-blocks": gif[:frame] + b"!\xfe" + b"\x01a" * (MAX_GIF_BLOCKS + 1) + b"\x00" + gif[frame:],
+        "gif-junk": gif[:frame] + b"\x00" * (MAX_JUNK_BYTES + 1) + gif[frame:],
+    }[case]
+    started = time.perf_counter()
+    assert rejected(load_image, data, field="background").code == "unsupported_format"
+    assert time.perf_counter() - started < 1.0
+
+
+# Exceptions outside what the old decoder caught (OSError, SyntaxError, ValueError, EOFError, IndexError, zlib.error)
+# that plugins were seen to raise on mutated input (BLP, DDS, AVIF, SPIDER) or could.
+DECODER_EXCEPTIONS = [struct.error("unpack requires a buffer of 4 bytes"), TypeError("bad operand"), KeyError(3),
+                      MemoryError(), RuntimeError("Failed to decode frame 0"), NotImplementedError("Unknown flags"),
+                      OverflowError("Python int too large"), ZeroDivisionError("division by zero"),
+                      RecursionError("maximum recursion depth exceeded"), AssertionError(), UserWarning("corrupt")]
+
+
+@pytest.mark.parametrize("exc", DECODER_EXCEPTIONS, ids=lambda exc: type(exc).__name__)
+@pytest.mark.parametrize("stage", ["open", "load", "convert", "transpose"])
+def test_any_decoder_exception_becomes_an_input_error(monkeypatch: pytest.MonkeyPatch, exc: Exception,
+                                                      stage: str) -> None:
+    from PIL import PngImagePlugin
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise exc
+
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    data = encode(Image.fromarray(RGB).convert("P"), exif=exif.tobytes())
+    target = {"open": (PngImagePlugin.PngImageFile, "_open"), "load": (PngImagePlugin.PngImageFile, "load"),
+              "convert": (Image.Image, "convert"), "transpose": (Image.Image, "transpose")}[stage]
+    monkeypatch.setattr(*target, boom)
+    for call in (lambda: load_image(data, field="background"),
+                 lambda: load_mask(data, field="background_mask", size=None), lambda: load_reference(data)):
+        with pytest.raises(InputError) as info:
+            call()
+        assert info.value.code in (ErrorCode.TRUNCATED_IMAGE, ErrorCode.NOT_AN_IMAGE)
+        assert info.value.field in ("background", "background_mask", "reference")
+
+
+def test_malformed_exif_keeps_the_image_as_stored(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image.Image, "getexif", lambda self: (_ for _ in ()).throw(struct.error("bad IFD")))
+    np.testing.assert_array_equal(load_image(encode(Image.fromarray(RGB)), field="background"), RGB)
 
 
 def test_bad_arrays_are_rejected() -> None:

@@ -26,6 +26,7 @@ from tests.support.server import (
     read_response,
     server_timing,
     tiny_model_env,
+    wait_for,
 )
 
 API_KEY = "test-key-123"
@@ -239,25 +240,18 @@ def test_queue_timeout_gives_504_and_a_closed_client_frees_the_worker(server: Se
     steps_before = metric(client.get("/metrics").text, "anydoor_denoising_steps_total")
     slow = raw_predict(server.url, case_a_files(), {"steps": "200"}, AUTH)  # minutes of work on a CPU
     try:
-        _wait_for(lambda: metric(client.get("/metrics").text, "anydoor_denoising_steps_total") > steps_before)
+        wait_for(lambda: metric(client.get("/metrics").text, "anydoor_denoising_steps_total") > steps_before)
         started = time.monotonic()
         waiting = predict(client, data={"steps": "1"})
         assert_error(waiting, 504, "queue_timeout", None)
         assert 1.9 < time.monotonic() - started < 15
     finally:
         slow.close()
-    _wait_for(lambda: metric(client.get("/metrics").text, "anydoor_running_jobs") == 0)
+    wait_for(lambda: metric(client.get("/metrics").text, "anydoor_running_jobs") == 0)
     assert predict(client, data={"steps": "1"}).status_code == 200
     text = client.get("/metrics").text
     assert metric(text, "anydoor_requests_failed_total", reason="timeout") == 1
     assert metric(text, "anydoor_requests_failed_total", reason="cancelled") == 1
-
-
-def _wait_for(condition: Any, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.05)
 
 
 # --- metrics and schema ---------------------------------------------------------------------------------------
@@ -282,7 +276,8 @@ def test_metrics_count_requests_failures_and_stages(client: httpx.Client) -> Non
 
 
 def test_openapi_describes_the_predict_api(client: httpx.Client) -> None:
-    schema = client.get("/openapi.json").json()
+    assert_error(client.get("/openapi.json"), 401, "unauthorized", "Authorization")  # only health/metrics are open
+    schema = client.get("/openapi.json", headers=AUTH).json()
     operation = schema["paths"]["/predict"]["post"]
     body = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert {"reference", "reference_mask", "background", "background_mask", "box", "steps", "guidance_scale",
@@ -299,9 +294,9 @@ def test_openapi_describes_the_predict_api(client: httpx.Client) -> None:
 
 
 def test_unknown_routes_answer_json(client: httpx.Client) -> None:
-    response = client.get("/nope")
-    assert_error(response, 404, "not_found", None)
-    assert_error(client.get("/predict"), 405, "method_not_allowed", None)
+    assert_error(client.get("/nope"), 401, "unauthorized", "Authorization")  # no route list for strangers
+    assert_error(client.get("/nope", headers=AUTH), 404, "not_found", None)
+    assert_error(client.get("/predict", headers=AUTH), 405, "method_not_allowed", None)
 
 
 def test_requests_are_served_concurrently_with_health_checks(server: ServerProcess, client: httpx.Client) -> None:
@@ -313,7 +308,7 @@ def test_requests_are_served_concurrently_with_health_checks(server: ServerProce
 
     thread = threading.Thread(target=run)
     thread.start()
-    _wait_for(lambda: metric(client.get("/metrics").text, "anydoor_running_jobs") == 1)
+    wait_for(lambda: metric(client.get("/metrics").text, "anydoor_running_jobs") == 1)
     assert metric(client.get("/metrics").text, "anydoor_in_flight_requests") == 1
     started = time.monotonic()
     assert client.get("/health/live").status_code == 200

@@ -63,3 +63,21 @@ def test_sigterm_past_the_grace_period_cancels_cleanly_and_exits_0() -> None:
         assert time.monotonic() - started < 60  # the grace period and at most one denoising step
         assert server.wait(timeout=60) == 0, server.log()
         assert "Traceback" not in server.log()
+
+
+def test_ctrl_c_drains_the_running_request_then_exits_0() -> None:
+    """Ctrl-C (SIGINT) is a graceful shutdown like SIGTERM: the running request completes, the exit status is 0
+    (not 130: uvicorn re-raises the signal after its shutdown, which would end in KeyboardInterrupt)."""
+    env = {**tiny_model_env(), "ANYDOOR_WARMUP_STEPS": "1", "ANYDOOR_SHUTDOWN_GRACE_S": "60"}
+    with ServerProcess(env) as server:
+        server.start()
+        request = raw_predict(server.url, case_a_files(), {"steps": "4", "seed": "5"})
+        wait_for(lambda: running(server))
+        server.send_signal(signal.SIGINT)
+        status, headers, body = read_response(request)
+        request.close()
+        assert status == 200 and headers["x-seed"] == "5" and body.startswith(b"\x89PNG")
+        assert server.wait(timeout=60) == 0, server.log()
+        log = server.log()
+    assert "draining" in log and "GPU worker stopped" in log
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log

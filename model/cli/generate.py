@@ -93,8 +93,18 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from model.nn.anydoor import DeviceError, resolve_device, resolve_dtype
     from model.pipeline.run import AnyDoorPipeline  # torch and the networks load only when the command runs
 
+    try:
+        # Checked before anything loads: a device this machine lacks is a usage error (exit 2, like argparse's),
+        # not a traceback from inside weight loading.
+        device = resolve_device(args.device)
+        if not args.demo:  # the demo model always computes in fp32 and ignores --dtype
+            resolve_dtype(args.dtype, device)
+    except DeviceError as exc:
+        print(f"anydoor generate: error: --{exc.setting} {exc.value}: {exc.reason}", file=sys.stderr)
+        return 2
     try:
         inputs, params = spec_values(args)
         if args.demo:

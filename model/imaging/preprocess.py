@@ -42,22 +42,45 @@ MASK_PAD = 2  # marker for padded pixels in the hint's mask channel before it be
 Box = tuple[int, int, int, int]
 
 
-@dataclass
+@dataclass(frozen=True)
 class PreparedInputs:
-    """Everything the networks and :func:`model.postprocess.paste_back` need for one region."""
+    """Everything the networks and :func:`model.imaging.postprocess.paste_back` need for one region.
 
-    ref: np.ndarray
-    """(224, 224, 3) float32 in [0, 1]: the masked object on white, padded to a square and resized."""
-    hint: np.ndarray
-    """(512, 512, 4) float32: collage in [-1, 1] plus mask channel (1 box/shape, 0 outside, -1 padding)."""
-    jpg: np.ndarray
-    """(512, 512, 3) float32 in [-1, 1]: the square crop of the background."""
+    The images are kept as the 8-bit arrays they are computed from (1.6 MiB a region instead of 7.6 MiB as
+    float32, which matters for requests waiting in the queue); :attr:`ref`, :attr:`hint` and :attr:`jpg` give the
+    float32 network inputs with upstream's arithmetic, so the values are bit for bit the same."""
+
+    ref_u8: np.ndarray
+    """(224, 224, 3) uint8: the masked object on white, padded to a square and resized."""
+    collage_u8: np.ndarray
+    """(512, 512, 3) uint8: the background crop with the object's high-frequency map pasted into the box."""
+    mask_i8: np.ndarray
+    """(512, 512) int8: the hint's mask channel, 1 in the box (or shape), 0 outside, -1 in the padding."""
+    jpg_u8: np.ndarray
+    """(512, 512, 3) uint8: the square crop of the background."""
     extra_sizes: np.ndarray
     """(4,) int64 ``[H1, W1, H2, W2]``: crop size before and after padding to a square."""
     tar_box_yyxx_crop: np.ndarray
     """(4,) int64: the crop box in background coordinates."""
     tar_box_yyxx: np.ndarray
     """(4,) int64: the expanded target box in background coordinates; outside it the output is the background."""
+
+    @property
+    def ref(self) -> np.ndarray:
+        """(224, 224, 3) float32 in [0, 1]: the DINOv2 input."""
+        return self.ref_u8.astype(np.float32) / 255
+
+    @property
+    def hint(self) -> np.ndarray:
+        """(512, 512, 4) float32: collage in [-1, 1] plus the mask channel, the ControlNet's hint."""
+        # float32 arithmetic throughout, as upstream, so the values match to the last bit.
+        return np.concatenate([self.collage_u8.astype(np.float32) / 127.5 - 1.0,
+                               self.mask_i8.astype(np.float32)[..., None]], axis=-1)
+
+    @property
+    def jpg(self) -> np.ndarray:
+        """(512, 512, 3) float32 in [-1, 1]: the background crop, as the VAE encodes it."""
+        return self.jpg_u8.astype(np.float32) / 127.5 - 1.0
 
 
 # --------------------------------------------------------------------------------------------------- box helpers
@@ -283,15 +306,15 @@ def prepare_inputs(
     jpg = resize(pad_to_square(crop, 0), CROP_SIZE, CROP_SIZE)
     collage = resize(pad_to_square(collage, 0), CROP_SIZE, CROP_SIZE)
     mask_channel = resize(pad_to_square(collage_mask, MASK_PAD), CROP_SIZE, CROP_SIZE, nearest=True)
-    mask_channel = mask_channel.astype(np.float32)
-    mask_channel[mask_channel == MASK_PAD] = -1.0
+    mask_channel = mask_channel.astype(np.int8)
+    mask_channel[mask_channel == MASK_PAD] = -1
 
-    # float32 arithmetic throughout, as upstream, so the values match to the last bit.
-    hint = np.concatenate([collage.astype(np.float32) / 127.5 - 1.0, mask_channel[..., None]], axis=-1)
+    assert ref_image.dtype == collage.dtype == jpg.dtype == np.uint8
     return PreparedInputs(
-        ref=ref_image.astype(np.float32) / 255,
-        hint=hint,
-        jpg=jpg.astype(np.float32) / 127.5 - 1.0,
+        ref_u8=ref_image,
+        collage_u8=collage,
+        mask_i8=mask_channel,
+        jpg_u8=jpg,
         extra_sizes=np.array([crop_h, crop_w, side, side], dtype=np.int64),
         tar_box_yyxx_crop=np.array(crop_box, dtype=np.int64),
         tar_box_yyxx=np.array(tar_box, dtype=np.int64),

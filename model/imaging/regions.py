@@ -22,16 +22,26 @@ MIN_BOX_SIDE = 4
 
 Box = tuple[int, int, int, int]
 _INT = re.compile(r"[+-]?\d+")
+MAX_COORDINATE_DIGITS = 9
+"""A box coordinate has at most this many digits (no image is a billion pixels wide); longer is refused before
+``int()`` runs, which would otherwise spend quadratic time on (or refuse, past 4300 digits) a huge number."""
+
+
+def _too_many(field: str, count: int, limit: int, what: str) -> InputError:
+    return InputError(field, ErrorCode.TOO_MANY_REGIONS, f"{count} {what}; at most {limit} regions are accepted per "
+                      "request")
 
 
 def split_mask(
-    mask: np.ndarray, *, min_area: int = DEFAULT_MIN_REGION_AREA, field: str = "background_mask"
+    mask: np.ndarray, *, min_area: int = DEFAULT_MIN_REGION_AREA, field: str = "background_mask",
+    max_regions: int | None = None,
 ) -> list[np.ndarray]:
     """Split ``mask`` into its 8-connected regions of at least ``min_area`` pixels, each as an (H, W) bool mask.
 
     Regions are ordered top to bottom by their bounding box's top row, then left to right by its left column,
     so the order is stable for a given mask. Raises :class:`InputError` naming ``field`` if the mask is empty
-    (``empty_mask``) or every region is smaller than ``min_area`` (``mask_too_small``).
+    (``empty_mask``) or every region is smaller than ``min_area`` (``mask_too_small``), and, before any region's
+    mask is built, if there are more than ``max_regions`` regions (``too_many_regions``).
     """
     if not isinstance(mask, np.ndarray) or mask.ndim != 2:
         raise InputError(field, ErrorCode.INVALID_MASK, "expected an (H, W) mask")
@@ -47,6 +57,8 @@ def split_mask(
         largest = int(stats[1:, cv2.CC_STAT_AREA].max())
         raise InputError(field, ErrorCode.MASK_TOO_SMALL,
                          f"every region is smaller than {min_area} pixels (the largest has {largest})")
+    if max_regions is not None and len(kept) > max_regions:
+        raise _too_many(field, len(kept), max_regions, f"separate regions of at least {min_area} pixels")
     kept.sort(key=lambda label: (stats[label, cv2.CC_STAT_TOP], stats[label, cv2.CC_STAT_LEFT], label))
     return [labels == label for label in kept]
 
@@ -57,6 +69,9 @@ def parse_box(text: str) -> Box:
     Only the syntax and signs are checked here; :func:`boxes_to_masks` checks the box against the image.
     """
     parts = [part.strip() for part in str(text).split(",")]
+    if any(len(part.lstrip("+-")) > MAX_COORDINATE_DIGITS for part in parts):
+        raise InputError("box", ErrorCode.TOO_MANY_DIGITS,
+                         f"a coordinate has more than {MAX_COORDINATE_DIGITS} digits in {text[:40]!r}...")
     if len(parts) != 4 or not all(_INT.fullmatch(part) for part in parts):
         raise InputError("box", ErrorCode.INVALID_BOX, f"expected 'x,y,w,h' with four integers, got {text!r}")
     x, y, w, h = (int(part) for part in parts)
@@ -95,19 +110,27 @@ def _check_box(index: int, box: object, height: int, width: int) -> Box:
     return x, y, w, h
 
 
-def boxes_to_masks(boxes: Sequence[Box], size: tuple[int, int]) -> list[np.ndarray]:
-    """One (H, W) bool mask per ``(x, y, w, h)`` box, for an image of ``size`` = ``(height, width)``.
-
-    Every box must lie fully inside the image and be at least ``MIN_BOX_SIDE`` pixels on each side; otherwise
-    :class:`InputError` on field ``box`` (``invalid_box`` or ``box_out_of_image``).
-    """
+def check_boxes(boxes: Sequence[Box], size: tuple[int, int], *, max_regions: int | None = None) -> list[Box]:
+    """Every ``(x, y, w, h)`` box checked against an image of ``size`` = ``(height, width)``: each must lie fully
+    inside the image and be at least ``MIN_BOX_SIDE`` pixels on each side; otherwise :class:`InputError` on field
+    ``box`` (``invalid_box``, ``box_out_of_image``, or ``too_many_regions`` past ``max_regions``)."""
     height, width = (int(v) for v in size)
     if not boxes:
         raise InputError("box", ErrorCode.INVALID_BOX, "no box given")
-    masks = []
-    for index, box in enumerate(boxes):
-        x, y, w, h = _check_box(index, box, height, width)
-        mask = np.zeros((height, width), dtype=bool)
-        mask[y : y + h, x : x + w] = True
-        masks.append(mask)
-    return masks
+    if max_regions is not None and len(boxes) > max_regions:
+        raise _too_many("box", len(boxes), max_regions, "boxes")
+    return [_check_box(index, box, height, width) for index, box in enumerate(boxes)]
+
+
+def box_mask(box: Box, size: tuple[int, int]) -> np.ndarray:
+    """The (H, W) bool mask of one checked box."""
+    x, y, w, h = box
+    mask = np.zeros(size, dtype=bool)
+    mask[y : y + h, x : x + w] = True
+    return mask
+
+
+def boxes_to_masks(boxes: Sequence[Box], size: tuple[int, int], *, max_regions: int | None = None
+                   ) -> list[np.ndarray]:
+    """One (H, W) bool mask per ``(x, y, w, h)`` box (see :func:`check_boxes` for the errors)."""
+    return [box_mask(box, (int(size[0]), int(size[1]))) for box in check_boxes(boxes, size, max_regions=max_regions)]

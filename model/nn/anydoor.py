@@ -35,10 +35,55 @@ class _DiffusionWrapper(nn.Module):
         self.diffusion_model = UNetModel(cfg)
 
 
+class DeviceError(ValueError):
+    """An unusable ``device`` or ``dtype``: names the setting, the value and what this machine offers instead.
+
+    A ValueError, so callers that report bad arguments keep working; ``setting`` and ``reason`` let a command line
+    name its own flag (``--device cuda: CUDA is not available on this machine (available: cpu)``).
+    """
+
+    def __init__(self, setting: str, value: object, reason: str) -> None:
+        super().__init__(f"{setting} {value}: {reason}")
+        self.setting = setting
+        self.value = str(value)
+        self.reason = reason
+
+
+def available_devices() -> list[str]:
+    """The device names that work on this machine: ``cpu``, then ``cuda``, ``cuda:0`` ... and ``mps`` if present."""
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    if torch.backends.mps.is_available():
+        names.append("mps")
+    return names
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto`` (CUDA when available, else the CPU) or a device that exists here; else :class:`DeviceError`.
+
+    Checked here, before any weights move, so a wrong device is one clear message instead of a CUDA traceback
+    from deep inside loading."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    available = f"(available: {', '.join(available_devices())})"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise DeviceError("device", device, f"expected auto, cpu, cuda or cuda:N {available}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError("device", device, f"CUDA is not available on this machine {available}")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise DeviceError("device", device, f"this machine has {count} CUDA device{'s' if count != 1 else ''} "
+                              f"{available}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError("device", device, f"MPS is not available on this machine {available}")
+    elif dev.type != "cpu":
+        raise DeviceError("device", device, f"expected auto, cpu, cuda or cuda:N {available}")
+    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -49,12 +94,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return torch.float16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, str):
         if dtype not in names:
-            raise ValueError(f"dtype must be one of fp16, bf16, fp32, got {dtype!r}")
+            raise DeviceError("dtype", dtype, "dtype must be one of auto, fp16, bf16, fp32")
         dtype = names[dtype]
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"unsupported dtype {dtype}")
+        raise DeviceError("dtype", dtype, "dtype must be one of auto, fp16, bf16, fp32")
     if device.type == "cpu" and dtype == torch.float16:
-        raise ValueError("float16 is not supported on the CPU: use fp32 or bf16")
+        raise DeviceError("dtype", dtype_name(dtype), "float16 is not supported on the CPU (available on cpu: fp32, "
+                          "bf16)")
     return dtype
 
 

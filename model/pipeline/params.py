@@ -24,8 +24,10 @@ from model.imaging.decode import ImageSource
 from model.imaging.regions import Box
 
 SEED_MAX = 2**63 - 1
-# Text values longer than this are refused before any number parsing (a 10,000-digit integer is not a seed).
+# Text values longer than this are refused before any parsing; numbers with more digits than this are refused
+# before int()/float() see them (a 10,000-digit integer is not a seed: the largest valid value has 19 digits).
 MAX_TEXT_LENGTH = 64
+MAX_DIGITS = 24
 _INT_TEXT = re.compile(r"[+-]?[0-9]+")
 _FLOAT_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _TRUE_TEXT = ("true", "1", "yes", "on")
@@ -102,7 +104,7 @@ class ParamSpec:
         if not raw:
             raise InputError(name, ErrorCode.INVALID_PARAMETER, "is empty; leave the field out to use its default")
         if len(raw) > MAX_TEXT_LENGTH:
-            raise InputError(name, ErrorCode.INVALID_PARAMETER,
+            raise InputError(name, ErrorCode.FIELD_TOO_LONG,
                              f"is {len(raw)} characters long; at most {MAX_TEXT_LENGTH} are accepted")
         if self.kind == "bool":
             lowered = raw.lower()
@@ -113,6 +115,8 @@ class ParamSpec:
             raise InputError(name, ErrorCode.INVALID_PARAMETER, f"must be true or false, got {raw!r}")
         if self.kind == "choice":
             return self.check(raw)
+        if sum(c.isdigit() for c in raw) > MAX_DIGITS:
+            raise InputError(name, ErrorCode.TOO_MANY_DIGITS, f"has more than {MAX_DIGITS} digits")
         if self.kind == "int":
             if not _INT_TEXT.fullmatch(raw):
                 raise InputError(name, ErrorCode.INVALID_PARAMETER, f"must be an integer, got {raw!r}")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +29,15 @@ from model.diffusion.samplers import SAMPLERS, ProgressFn
 from model.errors import ErrorCode, InputError
 from model.imaging.decode import DEFAULT_MAX_PIXELS, ImageSource, load_image, load_mask, load_reference
 from model.imaging.postprocess import paste_back
-from model.imaging.preprocess import bbox_from_mask, prepare_inputs
-from model.imaging.regions import boxes_to_masks, split_mask
+from model.imaging.preprocess import PreparedInputs, bbox_from_mask, prepare_inputs
+from model.imaging.regions import box_mask, check_boxes, split_mask
 from model.nn.anydoor import AnyDoorModel, resolve_device
 from model.pipeline.job import Job, freeze
 from model.pipeline.params import PARAM_NAMES, GenerationInputs, GenerationParams
 from model.pipeline.result import STAGES, GenerationResult
 
 CancelFn = Callable[[], bool]
+DECODE_BATCH = 2  # latents decoded together
 
 
 class AnyDoorPipeline:
@@ -126,11 +127,17 @@ class AnyDoorPipeline:
         return self.run([job], progress=progress, should_cancel=should_cancel)[0]
 
     def prepare(self, inputs: GenerationInputs, params: GenerationParams, *,
-                initial_noise: torch.Tensor | None = None, max_pixels: int | None = None) -> Job:
-        """Decode the images and preprocess every target region (CPU only, any thread)."""
+                initial_noise: torch.Tensor | None = None, max_pixels: int | None = None,
+                max_regions: int | None = None) -> Job:
+        """Decode the images and preprocess every target region (CPU only, any thread).
+
+        ``max_pixels`` bounds every image (checked from its header); ``max_regions`` the number of target regions,
+        counted before anything is built for them."""
         start = time.perf_counter()
         seed = secrets.randbits(63) if params.seed is None else params.seed
         limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+        if max_regions is not None and inputs.boxes is not None and len(inputs.boxes) > max_regions:
+            check_boxes(inputs.boxes, (1, 1), max_regions=max_regions)  # too_many_regions, before any decoding
 
         if (inputs.background_mask is None) == (inputs.boxes is None):
             code = ErrorCode.MISSING_TARGET if inputs.background_mask is None else ErrorCode.CONFLICTING_TARGET
@@ -139,21 +146,28 @@ class AnyDoorPipeline:
         ref_rgb, ref_mask = load_reference(inputs.reference, inputs.reference_mask, max_pixels=limit)
         bg = load_image(inputs.background, field="background", max_pixels=limit)
         height, width = bg.shape[:2]
+        targets: Iterable[np.ndarray]
         if inputs.background_mask is not None:
             mask = load_mask(inputs.background_mask, field="background_mask", size=(height, width), max_pixels=limit)
-            targets = split_mask(mask)
+            targets = split_mask(mask, max_regions=max_regions)
+            del mask
         else:
             assert inputs.boxes is not None
-            targets = boxes_to_masks(inputs.boxes, (height, width))
+            checked = check_boxes(inputs.boxes, (height, width), max_regions=max_regions)
+            # One full-size mask at a time: a region keeps only its crops once prepared.
+            targets = (box_mask(box, (height, width)) for box in checked)
 
         ratios = {"reference_expand_ratio": params.reference_expand_ratio,
                   "target_box_expand_ratio": params.target_box_expand_ratio,
                   "crop_expand_ratio": params.crop_expand_ratio}
-        regions = tuple(prepare_inputs(ref_rgb, ref_mask, bg, target, shape_control=params.shape_control, **ratios)
-                        for target in targets)
-        boxes = tuple(_xywh(bbox_from_mask(target)) for target in targets)
+        regions: list[PreparedInputs] = []
+        boxes: list[tuple[int, int, int, int]] = []
+        for target in targets:
+            regions.append(prepare_inputs(ref_rgb, ref_mask, bg, target, shape_control=params.shape_control, **ratios))
+            boxes.append(_xywh(bbox_from_mask(target)))
         noise = self._initial_noise(seed, len(regions), initial_noise)
-        return Job(params.with_seed(seed), freeze(bg), regions, boxes, noise, time.perf_counter() - start)
+        return Job(params.with_seed(seed), freeze(bg), tuple(regions), tuple(boxes), noise,
+                   time.perf_counter() - start)
 
     def _initial_noise(self, seed: int, count: int, given: torch.Tensor | None) -> torch.Tensor:
         size = self.model.config.image_size
@@ -243,7 +257,12 @@ class AnyDoorPipeline:
         seconds["sample"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        images = model.decode_latent(latents).permute(0, 2, 3, 1).cpu().numpy()  # (N, 512, 512, 3)
+        # The VAE decoder's activations at 512x512 are ~0.2 GB per image in float32: decoding a whole batch at
+        # once would make peak memory grow with the regions of a request, for no speed gain worth it.
+        images = np.concatenate([
+            model.decode_latent(part).permute(0, 2, 3, 1).cpu().numpy()  # (n, 512, 512, 3)
+            for part in latents.split(DECODE_BATCH)
+        ])
         seconds["decode"] = time.perf_counter() - t0
         return list(images), seconds
 

@@ -1,4 +1,7 @@
-"""The health and metrics routes: liveness, readiness (with the model), Cog's health-check, Prometheus."""
+"""The health and metrics routes: liveness, readiness (with the model), Cog's health-check, Prometheus.
+
+:class:`HeadAsGet` answers ``HEAD`` wherever ``GET`` works (load balancers and uptime monitors probe with HEAD).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.nn.anydoor import dtype_name
 from service.api.deps import get_service
@@ -16,6 +20,44 @@ from service.inference import InferenceService
 
 router = APIRouter()
 Service = Annotated[InferenceService, Depends(get_service)]
+
+# The response messages that carry the body (the last two: servers that can send a file by path or descriptor).
+_BODY_MESSAGES = frozenset({"http.response.body", "http.response.pathsend", "http.response.zerocopysend"})
+
+
+class HeadAsGet:
+    """Route ``HEAD`` as ``GET`` and send the GET answer's status and headers without the body.
+
+    FastAPI's routes accept only the methods they declare, so HEAD on a GET route is 405; declaring HEAD on each
+    route (``api_route(methods=["GET", "HEAD"])``) would add a second operation per path to the OpenAPI schema.
+    This covers every GET route, the docs pages and the static files included, and leaves the schema alone.
+
+    The app below gets a copy of the scope: the server keeps seeing HEAD (uvicorn checks the method it holds to
+    expect no body), and so does outer middleware, which also gets the routing results copied back (the route
+    template for the metrics). ``Content-Length`` stays that of the GET body, as HEAD requires.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] in _BODY_MESSAGES:
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        routed = {**scope, "method": "GET"}
+        try:
+            await self.app(routed, receive, headers_only)
+        finally:
+            for key in routed.keys() - scope.keys():  # added by routing: route, endpoint, path_params, ...
+                scope[key] = routed[key]
 
 
 @router.get("/health/live", response_model=LiveResponse, tags=["health"], summary="The process is up")

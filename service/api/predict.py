@@ -7,23 +7,28 @@ file parts. The OpenAPI request body is built from the same spec (:func:`request
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import difflib
+import json
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
 
 from model.errors import ErrorCode, InputError
 from model.pipeline import INPUT_FIELDS, TIMING_NAMES, GenerationInputs, GenerationParams, param_specs
 from model.pipeline.params import ParamSpec, boxes_of
 from service.api.deps import get_service
 from service.api.schemas import ErrorBody, PredictResponse, Timings
-from service.errors import ServiceError, codes_with_status, payload_too_large
+from service.errors import ServiceError, client_gone, codes_with_status, generation_failed, payload_too_large
 from service.inference import Prediction
-from service.middleware import request_id_of
+from service.middleware import BODY_END_KEY, TICKET_KEY, request_id_of
 
 log = logging.getLogger("anydoor.service")
 
@@ -45,7 +50,7 @@ def _param_schema(spec: ParamSpec) -> dict[str, Any]:
         schema["type"] = {"int": "integer", "float": "number", "bool": "boolean"}[spec.kind]
         if spec.kind == "int" and spec.name == "seed":
             schema["format"] = "int64"
-        if spec.ge is not None:
+        if spec.ge is not None and spec.le is not None:
             cast = int if spec.kind == "int" else float
             schema.update(minimum=cast(spec.ge), maximum=cast(spec.le))
     if spec.default is not None:
@@ -79,8 +84,12 @@ PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "model": PredictResponse,
         "description": "The background with the object inserted, the size of the background. PNG by default; "
-        "with `Accept: application/json`, a JSON body with the PNG in base64.",
-        "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+        "with `Accept: application/json`, a JSON body with the PNG in base64; with `Accept: text/event-stream`, "
+        "Server-Sent Events: `queued` {position}, `started`, `progress` {step, total, elapsed_s}, then exactly one "
+        "`result` (the JSON answer) or `error` (the JSON error body). Errors found before the stream starts keep "
+        "their status codes.",
+        "content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
+                    "text/event-stream": {"schema": {"type": "string"}}},
         "headers": {
             "X-Request-ID": {"description": "The client's X-Request-ID if it sent a plain one, else a new id.",
                              "schema": {"type": "string"}},
@@ -113,19 +122,122 @@ PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
 )
 async def predict(request: Request) -> Response:
     service = get_service(request)
-    form = await request.form()
+    settings = service.settings
+    form = await read_multipart(request, max_fields=settings.max_form_fields, max_part_chars=settings.max_field_chars)
     try:
-        inputs, params = await read_form(form, service.settings.max_upload_bytes)
+        inputs, params = await read_form(form, settings.max_upload_bytes, settings.max_field_chars)
     finally:
         await form.close()
     request_id = request_id_of(request.scope) or ""
-    prediction = await service.predict(inputs, params, request_id=request_id, receive=request.receive)
+    accept = request.headers.get("accept", "")
+    if wants_stream(accept):
+        return await _stream(request, inputs, params, request_id)
+    prediction = await service.predict(inputs, params, request_id=request_id, receive=request.receive,
+                                       ticket=request.scope.get(TICKET_KEY))
     log.info("request %s: %dx%d, %d region(s), seed %d, %s; %s", request_id, prediction.width, prediction.height,
              prediction.regions, prediction.seed, params.changed() or "defaults", prediction.server_timing())
-    return _reply(prediction, request_id, request.headers.get("accept", ""))
+    return _reply(prediction, request_id, accept)
 
 
-async def read_form(form: FormData, max_upload_bytes: int) -> tuple[GenerationInputs, GenerationParams]:
+def wants_stream(accept: str) -> bool:
+    """``Accept: text/event-stream`` asks for Server-Sent Events (progress, then the result)."""
+    return any(item.split(";")[0].strip().lower() == "text/event-stream" for item in accept.split(","))
+
+
+def sse(event: str, data: dict[str, Any]) -> bytes:
+    """One Server-Sent Event (https://html.spec.whatwg.org/multipage/server-sent-events.html)."""
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+async def _stream(request: Request, inputs: GenerationInputs, params: GenerationParams,
+                  request_id: str) -> Response:
+    """The event-stream answer: validation and preprocessing happen first, so their errors keep their status
+    codes; from the first event on, a failure is an ``error`` event with the same body as a JSON error."""
+    service = get_service(request)
+    ticket = request.scope.get(TICKET_KEY)
+    tracking = service.tracked(inputs)
+    tracking.__enter__()
+    try:
+        prepared = await service.prepare(inputs, params)
+    except BaseException:
+        tracking.__exit__(None, None, None)
+        raise
+
+    async def events() -> AsyncIterator[bytes]:
+        queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+        task = asyncio.ensure_future(service.execute(
+            prepared, request_id=request_id, receive=None, ticket=ticket,
+            events=lambda name, data: queue.put_nowait((name, data))))
+        try:
+            while not task.done() or not queue.empty():
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield sse(*getter.result())
+                else:
+                    getter.cancel()
+            try:
+                prediction = task.result()
+            except ServiceError as exc:
+                service.metrics.fail(exc.reason)
+                yield sse("error", exc.body(request_id))
+            except Exception:
+                log.exception("request %s failed after its event stream started", request_id)
+                error = generation_failed()
+                service.metrics.fail(error.reason)
+                yield sse("error", error.body(request_id))
+            else:
+                log.info("request %s: %dx%d, %d region(s), seed %d, streamed; %s", request_id, prediction.width,
+                         prediction.height, prediction.regions, prediction.seed, prediction.server_timing())
+                yield sse("result", json_body(prediction, request_id))
+        finally:
+            # The client left (the server cancels this generator) or the stream ended: a job still queued is
+            # withdrawn, a running one stops at its next step (execute's own cleanup, run by the cancellation).
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+                service.metrics.fail(client_gone().reason)
+                log.info("request %s: the client closed its event stream; the job is cancelled", request_id)
+            tracking.__exit__(None, None, None)
+
+    headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no", "Vary": "Accept"}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+async def read_multipart(request: Request, *, max_fields: int, max_part_chars: int) -> FormData:
+    """The multipart form of ``request``, with the part-count and part-size limits; a body that is not complete
+    multipart (no closing delimiter: a truncated upload) is 400, never a form with its last field dropped."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise ServiceError(ErrorCode.BAD_REQUEST, f"the body must be multipart/form-data, got {content_type!r}",
+                           field="body")
+    try:
+        # Text parts are held in memory: bound them a little above the field limit so read_form can name the
+        # field; file parts are spooled to disk and bounded by the upload limit.
+        form = await request.form(max_files=len(_FILE_FIELDS), max_fields=max_fields,
+                                  max_part_size=max_part_chars * 4 + 1024)
+    except HTTPException as exc:
+        if isinstance(exc, ServiceError):
+            raise
+        detail = str(exc.detail)
+        if detail.startswith(("Too many fields", "Too many files")):
+            raise ServiceError(ErrorCode.TOO_MANY_FIELDS, f"{detail.rstrip('.')}; at most {max_fields} fields and "
+                               f"{len(_FILE_FIELDS)} files are accepted", field="body") from None
+        if detail.startswith("Part exceeded maximum size"):
+            raise ServiceError(ErrorCode.FIELD_TOO_LONG, f"a text field is longer than {max_part_chars} "
+                               "characters", field="body") from None
+        raise ServiceError(ErrorCode.BAD_REQUEST, f"the multipart body cannot be read: {detail}",
+                           field="body") from None
+    if not request.scope.get(BODY_END_KEY, True):
+        await form.close()
+        raise ServiceError(ErrorCode.BAD_REQUEST, "the multipart body ends before its closing boundary (a truncated "
+                           "upload?)", field="body")
+    return form
+
+
+async def read_form(form: FormData, max_upload_bytes: int,
+                    max_field_chars: int) -> tuple[GenerationInputs, GenerationParams]:
     """The request's inputs and parameters from its multipart form, strictly."""
     files: dict[str, bytes] = {}
     boxes: list[str] = []
@@ -146,6 +258,9 @@ async def read_form(form: FormData, max_upload_bytes: int) -> tuple[GenerationIn
             continue
         if isinstance(value, UploadFile):
             raise _invalid(name, ErrorCode.INVALID_PARAMETER, "must be a text field, not a file")
+        if len(value) > max_field_chars:
+            raise _invalid(name, ErrorCode.FIELD_TOO_LONG,
+                           f"is {len(value)} characters long; at most {max_field_chars} are accepted")
         if name == "box":
             boxes.append(value)
         elif name in texts:

@@ -53,13 +53,15 @@ def tiny_model_env() -> dict[str, str]:
 class ServerProcess:
     """``python -m service`` in a subprocess, listening on 127.0.0.1:``port``; a context manager."""
 
-    def __init__(self, env: Mapping[str, str], *, args: tuple[str, ...] = (), port: int | None = None) -> None:
+    def __init__(self, env: Mapping[str, str], *, args: tuple[str, ...] = (), port: int | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._env = {**os.environ, **env}
         self._env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         self._env.setdefault("ANYDOOR_LOG_LEVEL", "info")
         self._args = args
+        self._preexec_fn = preexec_fn  # run in the child before exec: e.g. a lower resource limit
         self._log = tempfile.NamedTemporaryFile(prefix="anydoor-serve-", suffix=".log", delete=False)
         self.process: subprocess.Popen[bytes] | None = None
         self.ready_statuses: list[int] = []  # /health/ready answers seen while starting, repeats collapsed
@@ -67,7 +69,8 @@ class ServerProcess:
 
     def start(self, timeout: float = 120.0) -> ServerProcess:
         cmd = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port), *self._args]
-        self.process = subprocess.Popen(cmd, env=self._env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(cmd, env=self._env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+                                        preexec_fn=self._preexec_fn)
         self.wait_ready(timeout)
         return self
 
