@@ -321,9 +321,9 @@ def main() -> int:
     health = (f"/health/live max {sc['health_ms']['max']:.0f} ms with {sc['held']} slow clients held" if sc
               else "slow clients: n/a")
     print(f"reliability: hostile {h['tried']} -> {h['5xx']} 5xx; peak RSS growth largest "
-          f"{m['largest']['peak_growth_mib']} MiB vs normal {m['normal']['peak_growth_mib']} MiB; {health}; auth probes {a['tried']} -> "
-          f"{a['bypasses']} bypasses; RSS {mx['rss_before_mib']} -> {mx['rss_after_mib']} MiB after "
-          f"{mx['requests']} mixed ({mx['growth_pct']:+.1f} %); {report['wall_s']} s")
+          f"{m['largest']['peak_growth_mib']} MiB vs normal {m['normal']['peak_growth_mib']} MiB; {health}; "
+          f"auth probes {a['tried']} -> {a['bypasses']} bypasses; RSS {mx['rss_before_mib']} -> "
+          f"{mx['rss_after_mib']} MiB after {mx['requests']} mixed ({mx['growth_pct']:+.1f} %); {report['wall_s']} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1) + "\n")
