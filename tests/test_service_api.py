@@ -286,7 +286,7 @@ def test_openapi_describes_the_predict_api(client: httpx.Client) -> None:
     assert set(body["required"]) == {"reference", "background"}
     assert body["properties"]["steps"]["minimum"] == 1 and body["properties"]["steps"]["maximum"] == 1000
     ok = operation["responses"]["200"]
-    assert set(ok["content"]) == {"image/png", "application/json"}
+    assert set(ok["content"]) == {"image/png", "application/json", "text/event-stream"}
     assert {"X-Request-ID", "X-Seed", "Server-Timing"} <= set(ok["headers"])
     assert {"401", "413", "422", "429", "503", "504"} <= set(operation["responses"])
     assert "PredictResponse" in schema["components"]["schemas"]

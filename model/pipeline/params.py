@@ -207,7 +207,7 @@ class InputField:
 
 INPUT_FIELDS: tuple[InputField, ...] = (
     InputField("reference", "image", True,
-               "The object: an image (PNG, JPEG, WebP). For an RGBA cut-out the alpha channel is the mask."),
+               "The object: an image (PNG, JPEG, WebP, GIF, BMP). For an RGBA cut-out the alpha channel is the mask."),
     InputField("reference_mask", "image", False,
                "The object's mask (white = object), the reference's size; needed when the reference has no alpha."),
     InputField("background", "image", True, "The scene to insert the object into, any size; the output has its size."),
