@@ -58,7 +58,7 @@ class Predictor(BaseRunner):
         self.pipe: AnyDoorPipeline = load_pipeline(
             settings.weights, demo=settings.demo, config=settings.config, device=settings.device,
             dtype=settings.dtype, sha256=settings.weights_sha256, cache_dir=settings.cache_dir,
-            compile=settings.compile)
+            compile=settings.compile, mask_refine_weights=settings.mask_refine_weights)
         self.out_dir = Path(tempfile.mkdtemp(prefix="anydoor-cog-"))
         inputs, params = warmup_request(settings.warmup_steps)
         self.pipe.generate(inputs, params)
@@ -80,6 +80,11 @@ class Predictor(BaseRunner):
         reference_expand_ratio: float = _input("reference_expand_ratio"),
         target_box_expand_ratio: float = _input("target_box_expand_ratio"),
         crop_expand_ratio: float = _input("crop_expand_ratio"),
+        refine_reference_mask: bool = _input("refine_reference_mask"),
+        keep_background: bool = _input("keep_background"),
+        blend_start: float = _input("blend_start"),
+        feather: int = _input("feather"),
+        harmonize: float = _input("harmonize"),
     ) -> Path:
         """Insert the object of ``reference`` into each target region of ``background``; returns a PNG."""
         values = dict(locals())

@@ -55,7 +55,12 @@ class ErrorCode(str, enum.Enum):
     BOX_OUT_OF_IMAGE = "box_out_of_image", "A box that does not lie inside the background."
     MISSING_TARGET = "missing_target", "Neither a background mask nor a box was given."
     CONFLICTING_TARGET = "conflicting_target", "Both a background mask and boxes were given."
+    REFINER_UNAVAILABLE = "refiner_unavailable", "`refine_reference_mask` was asked for and no refiner is configured."
     TOO_MANY_REGIONS = "too_many_regions", "More target regions (boxes, or separate regions of a mask) than the limit."
+    PLACEMENT_IMPOSSIBLE = "placement_impossible", ("A `placement` whose boxes cannot all be fitted into its allowed "
+                                                "area: the area is too small for the count, no box of the "
+                                                "minimum size fits in it, or the count is over the region "
+                                                "limit (the message says which).")
     # --- the service
     UNAUTHORIZED = "unauthorized", "An API key is set and the `Authorization: Bearer` key is missing or wrong."
     NOT_FOUND = "not_found", "No such route."

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import MISSING, fields
 from typing import Any
 
+from model.cli import batch as batch_command
 from model.cli import generate as generate_command
 from model.cli import weights as weights_command
 from service.settings import Settings, SettingsError, env_name
@@ -164,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     generate_command.register(sub)
+    batch_command.register(sub)
     weights_command.register(sub)
     register(sub)
     return parser

@@ -224,13 +224,18 @@ fd_errors = _Tally(_render_fd_errors)
 
 class _OutOfDescriptorsFilter(logging.Filter):
     """On the ``asyncio`` logger: an error whose exception is EMFILE/ENFILE (asyncio's ``socket.accept() out of
-    system resource``, logged with a traceback every time its accept loop retries) becomes a count in
-    :data:`fd_errors`; everything else passes."""
+    system resource``, logged with a traceback for every accept() of the round that fails) becomes a count in
+    :data:`fd_errors`; so do the tracebacks of the retries that each failure schedules, when they find the
+    listener closed (a shutdown within a second of running out: ``Invalid file descriptor: -1``, once per failed
+    accept). Everything else passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, OSError) and exc.errno in _OUT_OF_FDS:
             fd_errors.note(errno.errorcode.get(exc.errno, str(exc.errno)))
+            return False
+        if isinstance(exc, ValueError) and "_start_serving" in str(record.msg):
+            fd_errors.note("retry on a closed listener")
             return False
         return True
 

@@ -44,6 +44,8 @@ HTTP_STATUS: dict[ErrorCode, tuple[int, str]] = {
     C.MISSING_TARGET: (422, "validation"),
     C.CONFLICTING_TARGET: (422, "validation"),
     C.TOO_MANY_REGIONS: (422, "validation"),
+    C.PLACEMENT_IMPOSSIBLE: (422, "validation"),
+    C.REFINER_UNAVAILABLE: (422, "validation"),
     C.UNAUTHORIZED: (401, "unauthorized"),
     C.NOT_FOUND: (404, "validation"),
     C.METHOD_NOT_ALLOWED: (405, "validation"),

@@ -89,7 +89,7 @@ def load_from_settings(settings: Settings) -> Pipeline:
 
     return load_pipeline(settings.weights, demo=settings.demo, config=settings.config, device=settings.device,
                          dtype=settings.dtype, sha256=settings.weights_sha256, cache_dir=settings.cache_dir,
-                         compile=settings.compile)
+                         compile=settings.compile, mask_refine_weights=settings.mask_refine_weights)
 
 
 class Slot:

@@ -171,6 +171,11 @@ class Settings:
         False, "ANYDOOR_COMPILE", "torch.compile the UNet and the ControlNet (off by default). The warm-up "
         "generation pays for the compilation before the service turns ready; each new batch size compiles once "
         "more on first use.", _bool, flag="--compile")
+    mask_refine_weights: str | None = _setting(
+        None, "ANYDOOR_MASK_REFINE_WEIGHTS", "Weights of upstream's reference-mask refiner (`coarse_mask_refine.pth` "
+        "or its safetensors conversion), a path or an http(s) URL through the download cache; requests may then "
+        "ask for `refine_reference_mask`. Unset: the option is refused with `refiner_unavailable`.", _text,
+        flag="--mask-refine-weights", metavar="PATH|URL")
     warmup_steps: int = _setting(
         2, "ANYDOOR_WARMUP_STEPS", "Denoising steps of the warm-up generation that must pass before the service is "
         "ready.", _int, flag="--warmup-steps", metavar="N")
@@ -219,6 +224,9 @@ class Settings:
                 fail("weights", "no such file")
         if self.config and not Path(self.config).expanduser().is_file():
             fail("config", "no such file")
+        if self.mask_refine_weights and not is_url(self.mask_refine_weights):
+            if not Path(self.mask_refine_weights).expanduser().is_file():
+                fail("mask_refine_weights", "no such file")
         if self.weights_sha256 and not re.fullmatch(r"[0-9a-fA-F]{64}", self.weights_sha256):
             fail("weights_sha256", "expected 64 hexadecimal digits")
         if not _DEVICE.match(self.device):

@@ -84,7 +84,7 @@ def test_readiness_is_503_until_warm_up_passed_then_200(server: ServerProcess, c
     ready = client.get("/health/ready")
     assert ready.status_code == 200
     assert ready.json()["model"] == {"weights": "model.safetensors", "device": "cpu", "dtype": "fp32",
-                                     "demo": False}
+                                     "demo": False, "mask_refiner": False}
     assert client.get("/health/live").json() == {"status": "alive"}
     cog = client.get("/health-check").json()
     assert cog["status"] == "READY" and cog["setup"]["status"] == "succeeded"

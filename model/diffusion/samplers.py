@@ -18,6 +18,9 @@ from model.diffusion.schedule import ddim_timesteps
 from model.errors import Cancelled
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# after_step(x, step_index, alpha_cumprod_reached) -> x: may rewrite the latent after each step (re-imposing known
+# latents); ``alpha_cumprod_reached`` is the noise level (alpha-bar) the step landed on.
+AfterStepFn = Callable[[torch.Tensor, int, float], torch.Tensor]
 # progress(step_index, total_steps, timestep); called after each step.
 ProgressFn = Callable[[int, int, int], None]
 
@@ -33,12 +36,15 @@ def ddim_sample(
     generator: torch.Generator | None = None,
     progress: ProgressFn | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    after_step: AfterStepFn | None = None,
+    first_step: int = 0,
 ) -> torch.Tensor:
     """Run DDIM from ``x_T`` (B, C, h, w) down to a clean latent.
 
     ``alphas_cumprod`` is the model's (T,) schedule buffer. ``generator`` drives the extra noise when eta > 0.
     ``should_cancel`` is checked before every step and raises :class:`Cancelled`; ``progress`` is called after
-    each.
+    each; ``after_step`` may rewrite the latent after each. ``first_step`` > 0 starts part-way down the schedule
+    (SDEdit): ``x_T`` is then a latent noised to the timestep of that step, and the steps before it are skipped.
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
@@ -52,6 +58,8 @@ def ddim_sample(
     x = x_T.float()
     batch = x.shape[0]
     for n, i in enumerate(reversed(range(steps))):
+        if n < first_step:
+            continue
         if should_cancel is not None and should_cancel():
             raise Cancelled(f"cancelled before step {n + 1} of {steps}")
         t = torch.full((batch,), ts[i], device=x.device, dtype=torch.long)
@@ -65,8 +73,10 @@ def ddim_sample(
         if eta > 0:
             noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
             x = x + sigma[i] * noise.to(x.device)
+        if after_step is not None:
+            x = after_step(x, n, float(a_prev[i]))
         if progress is not None:
-            progress(n + 1, steps, ts[i])
+            progress(n + 1 - first_step, steps - first_step, ts[i])
     return x
 
 
@@ -84,6 +94,8 @@ def dpmpp_2m_sample(
     *,
     progress: ProgressFn | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    after_step: AfterStepFn | None = None,
+    first_step: int = 0,
 ) -> torch.Tensor:
     """Run DPM-Solver++(2M) from ``x_T`` (B, C, h, w) down to a clean latent.
 
@@ -93,7 +105,8 @@ def dpmpp_2m_sample(
     (:func:`ddim_timesteps`) and towards the same end point (the noise level of ``alphas_cumprod[0]``, where
     DDIM's last step lands), so only the update rule differs. The first step has no history and is first order,
     which is exactly DDIM; with ``steps == 1`` the two samplers agree. ``should_cancel`` is checked before every
-    step and raises :class:`Cancelled`; ``progress`` is called after each.
+    step and raises :class:`Cancelled`; ``progress`` is called after each; ``after_step`` and ``first_step`` as
+    for :func:`ddim_sample` (a part-way start has no history, so its first step is first order).
     """
     ts = ddim_timesteps(steps, alphas_cumprod.shape[0])
     ac = alphas_cumprod.detach().double().cpu()
@@ -107,7 +120,7 @@ def dpmpp_2m_sample(
     batch = x.shape[0]
     x0_prev: torch.Tensor | None = None
     h_prev = 0.0
-    for n in range(steps):
+    for n in range(first_step, steps):
         if should_cancel is not None and should_cancel():
             raise Cancelled(f"cancelled before step {n + 1} of {steps}")
         t_n = ts[steps - 1 - n]
@@ -127,15 +140,17 @@ def dpmpp_2m_sample(
         # 4. x_{t_{n+1}} = sigma_{n+1} / sigma_n * x_{t_n} - alpha_{n+1} (e^{-h} - 1) D (Alg. 2, line 8)
         x = (sigma[n + 1] / sigma[n]) * x - (alpha[n + 1] * math.expm1(-h)) * d
         x0_prev, h_prev = x0, h
+        if after_step is not None:
+            x = after_step(x, n, levels[n + 1])
         if progress is not None:
-            progress(n + 1, steps, t_n)
+            progress(n + 1 - first_step, steps - first_step, t_n)
     return x
 
 
 class Sampler(Protocol):
     def __call__(self, eps: EpsFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int, *,
-                 progress: ProgressFn | None = None,
-                 should_cancel: Callable[[], bool] | None = None) -> torch.Tensor: ...
+                 progress: ProgressFn | None = None, should_cancel: Callable[[], bool] | None = None,
+                 after_step: AfterStepFn | None = None, first_step: int = 0) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 from model.errors import ErrorCode, InputError
-from model.imaging.preprocess import CROP_SIZE, PreparedInputs, square_padding
+from model.imaging.preprocess import CROP_SIZE, PreparedInputs, pad_to_square, resize, square_padding
 
 PASTE_MARGIN = 3
 """Pixels at each edge of the crop that are not pasted back (the decoder's borders are least reliable)."""
@@ -22,11 +22,33 @@ def decoded_to_pixels(decoded: np.ndarray) -> np.ndarray:
     return np.clip(decoded.astype(np.float32, copy=False) * np.float32(127.5) + np.float32(127.5), 0, 255)
 
 
-def paste_back(decoded: np.ndarray, background: np.ndarray, prepared: PreparedInputs) -> np.ndarray:
+def feather_alpha(height: int, width: int, feather: int) -> np.ndarray:
+    """(height, width) float32 paste weights for a box: 1 deeper than ``feather`` pixels inside it, falling
+    linearly towards its edge, ``0.5 / feather`` on the outermost pixel ring (so the seam softens but every pixel of
+    the box still takes some of the generated crop; outside the box nothing changes at all)."""
+    if feather <= 0:
+        return np.ones((height, width), np.float32)
+    ys = np.arange(height, dtype=np.float32)
+    xs = np.arange(width, dtype=np.float32)
+    dy = np.minimum(ys, height - 1 - ys)[:, None]  # pixels to the nearest horizontal edge
+    dx = np.minimum(xs, width - 1 - xs)[None, :]
+    return np.clip((np.minimum(dy, dx) + 0.5) / feather, 0.0, 1.0).astype(np.float32)
+
+
+def crop_like(image: np.ndarray, prepared: PreparedInputs) -> np.ndarray:
+    """(512, 512, 3) uint8: ``image``'s square crop exactly as pre-processing cut the background's (same box,
+    padding and resize), so a pasted result can be encoded and denoised again (the harmonising pass)."""
+    cy1, cy2, cx1, cx2 = (int(v) for v in prepared.tar_box_yyxx_crop)
+    return resize(pad_to_square(image[cy1:cy2, cx1:cx2], 0), CROP_SIZE, CROP_SIZE)
+
+
+def paste_back(decoded: np.ndarray, background: np.ndarray, prepared: PreparedInputs, *,
+               feather: int = 0) -> np.ndarray:
     """Return a new (H, W, 3) uint8 image: ``background`` with the generated crop inserted in the target box.
 
     ``decoded`` is the (512, 512, 3) float32 HWC decoder output in [-1, 1] scale, unclipped; ``background`` is the
-    (H, W, 3) uint8 RGB image ``prepared`` was computed from. The input is not modified.
+    (H, W, 3) uint8 RGB image ``prepared`` was computed from. The input is not modified. With ``feather`` > 0 the
+    crop fades into the background over that many pixels at the box's edge (:func:`feather_alpha`).
     """
     if decoded.shape != (CROP_SIZE, CROP_SIZE, 3):
         raise ValueError(f"decoded must be ({CROP_SIZE}, {CROP_SIZE}, 3) HWC, got {decoded.shape}")
@@ -58,5 +80,11 @@ def paste_back(decoded: np.ndarray, background: np.ndarray, prepared: PreparedIn
     if crop_h > 2 * m and crop_w > 2 * m:  # a smaller crop has nothing inside its margin (and would wrap indices)
         pasted[cy1 + m : cy2 - m, cx1 + m : cx2 - m] = pixels[m : crop_h - m, m : crop_w - m].astype(np.uint8)
     result = background.copy()
-    result[ty1:ty2, tx1:tx2] = pasted[ty1:ty2, tx1:tx2]
+    if feather <= 0:
+        result[ty1:ty2, tx1:tx2] = pasted[ty1:ty2, tx1:tx2]
+        return result
+    alpha = feather_alpha(ty2 - ty1, tx2 - tx1, feather)[..., None]
+    new = pasted[ty1:ty2, tx1:tx2].astype(np.float32)
+    old = background[ty1:ty2, tx1:tx2].astype(np.float32)
+    result[ty1:ty2, tx1:tx2] = np.rint(alpha * new + (1.0 - alpha) * old).astype(np.uint8)
     return result

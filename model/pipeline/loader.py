@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from model.nn.mask_refine import MaskRefiner
 from model.pipeline.run import AnyDoorPipeline
 from model.weights.download import is_url, resolve_weights
 
@@ -22,8 +23,10 @@ def load_pipeline(
     sha256: str | None = None,
     cache_dir: str | None = None,
     compile: bool = False,
+    mask_refine_weights: str | None = None,
 ) -> AnyDoorPipeline:
-    """The demo model (``demo``), or ``weights``: a ``.safetensors``/``.ckpt`` path or an http(s) URL."""
+    """The demo model (``demo``), or ``weights``: a ``.safetensors``/``.ckpt`` path or an http(s) URL; with
+    ``mask_refine_weights`` (a ``.pth``/``.safetensors`` path or URL, through the same cache) the refiner too."""
     dev = None if device == "auto" else device
     if demo:
         pipe = AnyDoorPipeline.demo(device=dev)
@@ -36,4 +39,10 @@ def load_pipeline(
                                     cache_dir=Path(cache_dir).expanduser() if cache_dir else None)
         pipe = AnyDoorPipeline.from_pretrained(Path(local).expanduser(), config=config, device=dev,
                                                dtype=None if dtype == "auto" else dtype)
+    if mask_refine_weights:
+        local_refiner: str | Path = mask_refine_weights
+        if is_url(mask_refine_weights):
+            local_refiner = resolve_weights(mask_refine_weights,
+                                            cache_dir=Path(cache_dir).expanduser() if cache_dir else None)
+        pipe.mask_refiner = MaskRefiner.from_checkpoint(Path(local_refiner).expanduser(), device=pipe.device)
     return pipe.compile_networks() if compile else pipe

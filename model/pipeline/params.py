@@ -155,6 +155,24 @@ class GenerationParams:
     crop_expand_ratio: float = _param(
         2.0, "How much larger than the target box the square background crop is (upstream: random).", "float",
         ge=1.0, le=4.0)
+    refine_reference_mask: bool = _param(
+        False, "Refine the reference's mask with upstream's demo segmentation network before anything else "
+        "(needs the refiner's weights, `ANYDOOR_MASK_REFINE_WEIGHTS`).", "bool")
+    keep_background: bool = _param(
+        False, "Keep the background inside the crop: from `blend_start` of the steps on, the latent outside the "
+        "(dilated) target region is replaced by the background's, noised to the step (Blended Latent Diffusion).",
+        "bool")
+    blend_start: float = _param(
+        0.25, "With `keep_background`: the fraction of the steps after which the background is re-imposed.",
+        "float", ge=0.0, le=1.0)
+    feather: int = _param(
+        0, "Feathered paste: pixels over which the generated crop fades into the background at the target box's "
+        "edge (0: a hard edge, as upstream). Outside the box the background stays byte-identical.", "int",
+        ge=0, le=64)
+    harmonize: float = _param(
+        0.0, "Harmonising pass: after pasting, the crop is noised to this fraction of the schedule and denoised "
+        "again with the same conditioning and the background kept (SDEdit); 0 turns it off.", "float",
+        ge=0.0, le=0.3)
 
     def __post_init__(self) -> None:
         for spec in param_specs():

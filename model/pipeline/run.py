@@ -13,6 +13,7 @@ pastes every region back into its own background. Progress and cancellation are 
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -26,12 +27,14 @@ from PIL import Image
 from model.config import AnyDoorConfig, tiny_config
 from model.diffusion.guidance import guided_denoiser
 from model.diffusion.samplers import SAMPLERS, ProgressFn
+from model.diffusion.schedule import ddim_timesteps
 from model.errors import ErrorCode, InputError
 from model.imaging.decode import DEFAULT_MAX_PIXELS, ImageSource, load_image, load_mask, load_reference
-from model.imaging.postprocess import paste_back
-from model.imaging.preprocess import PreparedInputs, bbox_from_mask, prepare_inputs
+from model.imaging.postprocess import crop_like, paste_back
+from model.imaging.preprocess import MIN_MASK_PIXELS, PreparedInputs, bbox_from_mask, prepare_inputs
 from model.imaging.regions import box_mask, check_boxes, split_mask
 from model.nn.anydoor import AnyDoorModel, resolve_device
+from model.nn.mask_refine import MaskRefiner
 from model.pipeline.job import Job, freeze
 from model.pipeline.params import PARAM_NAMES, GenerationInputs, GenerationParams
 from model.pipeline.result import STAGES, GenerationResult
@@ -42,7 +45,7 @@ DECODE_BATCH = 2  # latents decoded together
 
 class AnyDoorPipeline:
     def __init__(self, model: AnyDoorModel, *, is_demo: bool = False, weights_name: str = "",
-                 max_batch_items: int = 8) -> None:
+                 max_batch_items: int = 8, mask_refiner: MaskRefiner | None = None) -> None:
         if model.config.hint_size != 512:
             raise ValueError(f"the pipeline works on 512x512 crops; config.image_size must be 64, "
                              f"got {model.config.image_size}")
@@ -51,6 +54,8 @@ class AnyDoorPipeline:
         self.weights_name = weights_name
         # Most regions in one forward of the networks (guidance doubles the rows); larger batches run in chunks.
         self.max_batch_items = max_batch_items
+        # Upstream demo's reference-mask refiner, for requests with refine_reference_mask (None: not available).
+        self.mask_refiner = mask_refiner
 
     @classmethod
     def from_pretrained(
@@ -143,7 +148,17 @@ class AnyDoorPipeline:
             code = ErrorCode.MISSING_TARGET if inputs.background_mask is None else ErrorCode.CONFLICTING_TARGET
             raise InputError("background_mask", code, "give exactly one target: a background_mask or one or more "
                              "boxes")
+        if params.refine_reference_mask and self.mask_refiner is None:
+            raise InputError("refine_reference_mask", ErrorCode.REFINER_UNAVAILABLE,
+                             "this server has no mask refiner (set ANYDOOR_MASK_REFINE_WEIGHTS)")
         ref_rgb, ref_mask = load_reference(inputs.reference, inputs.reference_mask, max_pixels=limit)
+        if params.refine_reference_mask:
+            assert self.mask_refiner is not None
+            refined = self.mask_refiner(ref_rgb, ref_mask)  # as upstream's demo: the refined mask replaces it
+            if int(np.count_nonzero(refined)) < MIN_MASK_PIXELS:
+                raise InputError("reference_mask", ErrorCode.MASK_TOO_SMALL,
+                                 "the refined reference mask is (nearly) empty; send it without refinement")
+            ref_mask = refined
         bg = load_image(inputs.background, field="background", max_pixels=limit)
         height, width = bg.shape[:2]
         targets: Iterable[np.ndarray]
@@ -191,40 +206,67 @@ class AnyDoorPipeline:
         All jobs must share one :attr:`Job.batch_key`. ``progress(step, total, t)`` is called after every
         denoising step of every chunk; ``should_cancel()`` is checked before each step and stops the whole batch
         with :class:`~model.errors.Cancelled`. Each result carries its own timings: its preprocessing and
-        postprocessing, and the encode/sample/decode time of the chunks its regions ran in.
+        postprocessing, and the encode/sample/decode time of the chunks its regions ran in. Jobs with
+        ``harmonize`` get a second, partial pass over their pasted crops (grouped by strength).
         """
         if not jobs:
             return []
         keys = {job.batch_key for job in jobs}
         if len(keys) != 1:
             raise ValueError(f"jobs in one batch must share the step count and sampler, got {sorted(keys)}")
-        items = [(job, i) for job in jobs for i in range(len(job.regions))]
-        decoded: dict[tuple[int, int], np.ndarray] = {}
         stage_s: dict[int, dict[str, float]] = {id(job): {"preprocess": job.preprocess_s} for job in jobs}
+        items = [(job, i) for job in jobs for i in range(len(job.regions))]
+        decoded = self._pass(items, stage_s, progress, should_cancel)
+        pasted = {id(job): self._paste(job, decoded, stage_s) for job in jobs}
+
+        for strength in sorted({job.params.harmonize for job in jobs if job.params.harmonize > 0}):
+            group = [job for job in jobs if job.params.harmonize == strength]
+            items = [(job, i) for job in group for i in range(len(job.regions))]
+            # SDEdit over the pasted result: each region's crop of it, noised part-way, denoised again.
+            decoded = self._pass(items, stage_s, None, should_cancel, redo=pasted)
+            for job in group:
+                pasted[id(job)] = self._paste(job, decoded, stage_s)
+
+        results = []
+        for job in jobs:
+            timings = stage_s[id(job)]
+            timings["total"] = sum(timings.get(stage, 0.0) for stage in STAGES)
+            results.append(GenerationResult(Image.fromarray(pasted[id(job)]), job.seed, timings, len(job.regions),
+                                            self.is_demo, job.boxes))
+        return results
+
+    def _pass(self, items: Sequence[tuple[Job, int]], stage_s: dict[int, dict[str, float]],
+              progress: ProgressFn | None, should_cancel: CancelFn | None,
+              redo: dict[int, np.ndarray] | None = None) -> dict[tuple[int, int], np.ndarray]:
+        """One generation over ``items`` in chunks: the decoded crop of every item, by (id(job), region)."""
+        decoded: dict[tuple[int, int], np.ndarray] = {}
         for start in range(0, len(items), self.max_batch_items):
             chunk = items[start:start + self.max_batch_items]
-            images, seconds = self._generate(chunk, progress, should_cancel)
+            images, seconds = self._generate(chunk, progress, should_cancel, redo)
             for (job, i), image in zip(chunk, images, strict=True):
                 decoded[(id(job), i)] = image
             for job in dict.fromkeys(job for job, _ in chunk):
                 for stage, value in seconds.items():
                     stage_s[id(job)][stage] = stage_s[id(job)].get(stage, 0.0) + value
-        results = []
-        for job in jobs:
-            t0 = time.perf_counter()
-            out = job.background
-            for i, prepared in enumerate(job.regions):
-                out = paste_back(decoded[(id(job), i)], out, prepared)
-            timings = stage_s[id(job)]
-            timings["postprocess"] = time.perf_counter() - t0
-            timings["total"] = sum(timings.get(stage, 0.0) for stage in STAGES)
-            results.append(GenerationResult(Image.fromarray(out), job.seed, timings, len(job.regions), self.is_demo,
-                                            job.boxes))
-        return results
+        return decoded
+
+    @staticmethod
+    def _paste(job: Job, decoded: dict[tuple[int, int], np.ndarray], stage_s: dict[int, dict[str, float]]
+               ) -> np.ndarray:
+        t0 = time.perf_counter()
+        out = job.background
+        for i, prepared in enumerate(job.regions):
+            out = paste_back(decoded[(id(job), i)], out, prepared, feather=job.params.feather)
+        stage_s[id(job)]["postprocess"] = stage_s[id(job)].get("postprocess", 0.0) + time.perf_counter() - t0
+        return out
 
     @torch.no_grad()
     def _generate(self, chunk: Sequence[tuple[Job, int]], progress: ProgressFn | None,
-                  should_cancel: CancelFn | None) -> tuple[list[np.ndarray], dict[str, float]]:
+                  should_cancel: CancelFn | None, redo: dict[int, np.ndarray] | None = None,
+                  ) -> tuple[list[np.ndarray], dict[str, float]]:
+        """Encode, sample and decode one chunk. With ``redo`` (a job's pasted image by id), the harmonising pass:
+        start from each region's crop of that image, noised to the job's ``harmonize`` fraction of the schedule,
+        with the background kept."""
         model, dev = self.model, self.device
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -235,7 +277,6 @@ class AnyDoorPipeline:
         n = len(chunk)
         scale = torch.tensor([job.params.guidance_scale for job, _ in chunk], device=dev)
         control = torch.tensor([job.params.control_strength for job, _ in chunk], device=dev)
-        x_T = torch.stack([job.noise[i] for job, i in chunk]).to(dev)
         # Per-row extras for one copy of the rows and for the [uncond | cond] pair, built once, not per step.
         extras = {1: (guided, control)}
         if bool((scale != 1).any()):
@@ -246,12 +287,29 @@ class AnyDoorPipeline:
             return model.predict_noise(x, t, context, control_scale=control_scale, guided_hint=hint_features)
 
         eps = guided_denoiser(predict, cond, model.uncond_tokens(n), scale)
+        params = chunk[0][0].params
+        steps = params.steps
+        first_step = 0
+        if redo is None:
+            x_T = torch.stack([job.noise[i] for job, i in chunk]).to(dev)
+            keep = [job.params.keep_background for job, _ in chunk]
+        else:
+            # All jobs of a harmonising chunk share one strength: the last ceil(harmonize * steps) steps.
+            first_step = steps - max(1, math.ceil(params.harmonize * steps))
+            crops = np.stack([crop_like(redo[id(job)], job.regions[i]) for job, i in chunk])
+            z = model.encode_image(torch.from_numpy(crops.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2))
+            level = float(model.alphas_cumprod[ddim_timesteps(steps, model.alphas_cumprod.shape[0])[
+                steps - 1 - first_step]])
+            noise = torch.stack([_generator_noise(job, i, HARMONIZE_SEED, z.shape[1:]) for job, i in chunk]).to(dev)
+            x_T = level**0.5 * z + (1 - level) ** 0.5 * noise
+            keep = [True] * n
+        after_step = self._keep_background(chunk, keep, steps, first_step, redo is not None) if any(keep) else None
         seconds["encode"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        params = chunk[0][0].params
         sample = SAMPLERS[params.sampler].sample
-        latents = sample(eps, x_T, model.alphas_cumprod, params.steps, progress=progress, should_cancel=should_cancel)
+        latents = sample(eps, x_T, model.alphas_cumprod, steps, progress=progress, should_cancel=should_cancel,
+                         after_step=after_step, first_step=first_step)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         seconds["sample"] = time.perf_counter() - t0
@@ -265,6 +323,54 @@ class AnyDoorPipeline:
         ])
         seconds["decode"] = time.perf_counter() - t0
         return list(images), seconds
+
+    def _keep_background(self, chunk: Sequence[tuple[Job, int]], keep: Sequence[bool], steps: int, first_step: int,
+                         from_start: bool) -> Callable[[torch.Tensor, int, float], torch.Tensor]:
+        """The sampler's ``after_step`` that re-imposes the background outside each kept row's (dilated) region
+        (Avrahami et al., "Blended Latent Diffusion", 2023; RePaint without resampling).
+
+        The background crop is encoded once; after each step from ``blend_start`` of the way on, the latent
+        outside the region becomes that latent noised to the level the step reached, with each request's own
+        generator, so a batch does not change a request's result; after the last step it is the clean latent."""
+        model, dev = self.model, self.device
+        jpgs = torch.stack([torch.from_numpy(job.regions[i].jpg) for job, i in chunk]).permute(0, 3, 1, 2)
+        z_bg = model.encode_image(jpgs.contiguous())  # (N, 4, 64, 64)
+        inside = torch.stack([torch.from_numpy(job.regions[i].mask_i8 == 1) for job, i in chunk])[:, None].float()
+        factor = inside.shape[-1] // z_bg.shape[-1]
+        region = torch.nn.functional.max_pool2d(inside, factor)  # a latent cell touching the region is in it
+        region = torch.nn.functional.max_pool2d(region, 2 * KEEP_DILATION + 1, stride=1, padding=KEEP_DILATION)
+        outside = (1.0 - region).to(dev)
+        generators = [torch.Generator().manual_seed(_row_seed(job, i, KEEP_SEED)) for job, i in chunk]
+        # The step from which each row's background is re-imposed (every row has its own blend_start).
+        starts = [first_step if from_start else max(first_step, math.floor(job.params.blend_start * steps))
+                  for job, _ in chunk]
+        z_bg = z_bg.to(dev)
+
+        def after_step(x: torch.Tensor, step: int, level: float) -> torch.Tensor:
+            # Every kept row draws its noise every step, so its draws do not depend on the rows beside it.
+            noise = torch.stack([torch.randn(z_bg.shape[1:], generator=g) if k else torch.zeros(z_bg.shape[1:])
+                                 for g, k in zip(generators, keep, strict=True)]).to(dev)
+            active = [k and step >= s for k, s in zip(keep, starts, strict=True)]
+            if not any(active):
+                return x
+            replace = (outside * torch.tensor(active, dtype=torch.float32, device=dev).view(-1, 1, 1, 1)) > 0
+            known = z_bg if step == steps - 1 else level**0.5 * z_bg + (1 - level) ** 0.5 * noise
+            return torch.where(replace, known, x)
+
+        return after_step
+
+
+KEEP_DILATION = 1  # latent cells (8 px each) added around the region before the background is re-imposed
+KEEP_SEED = 0x6B656570  # offsets of the per-request generators of keep_background and harmonize, from the seed
+HARMONIZE_SEED = 0x6861726D
+
+
+def _row_seed(job: Job, region: int, offset: int) -> int:
+    return (job.seed + offset + 7919 * region) % (2**63)
+
+
+def _generator_noise(job: Job, region: int, offset: int, shape: torch.Size) -> torch.Tensor:
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(_row_seed(job, region, offset)))
 
 
 def _xywh(box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:

@@ -77,7 +77,8 @@ async def ready(service: Service) -> JSONResponse:
     model = None
     if pipe is not None:
         model = ModelInfo(weights=pipe.weights_name, device=str(pipe.device),
-                          dtype=dtype_name(pipe.dtype), demo=pipe.is_demo)
+                          dtype=dtype_name(pipe.dtype), demo=pipe.is_demo,
+                          mask_refiner=getattr(pipe, "mask_refiner", None) is not None)
     body = ReadyResponse(status=service.readiness(), model=model,  # type: ignore[arg-type]
                          queue_depth=service.worker.queue_depth, max_queue=service.settings.max_queue,
                          error=service.worker.setup_error)

@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from model.errors import ErrorCode, InputError
 from model.pipeline import INPUT_FIELDS, TIMING_NAMES, GenerationInputs, GenerationParams, param_specs
@@ -217,6 +218,10 @@ async def read_multipart(request: Request, *, max_fields: int, max_part_chars: i
         # field; file parts are spooled to disk and bounded by the upload limit.
         form = await request.form(max_files=len(_FILE_FIELDS), max_fields=max_fields,
                                   max_part_size=max_part_chars * 4 + 1024)
+    except ClientDisconnect:
+        # The client went away mid-upload (or the body deadline closed it): one log line, counted as cancelled.
+        log.info("request %s: the client disconnected during its upload", request_id_of(request.scope))
+        raise client_gone() from None
     except HTTPException as exc:
         if isinstance(exc, ServiceError):
             raise

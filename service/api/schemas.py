@@ -59,6 +59,7 @@ class ModelInfo(BaseModel):
     device: str
     dtype: str
     demo: bool
+    mask_refiner: bool = Field(description="Whether `refine_reference_mask` is available.")
 
 
 class LiveResponse(BaseModel):

@@ -140,10 +140,18 @@
     return String(10 ** Math.floor(Math.log10(range / 100)));
   }
 
+  // A bound as text. JSON numbers past 2^53 arrive rounded (2^63-1 reads as 9223372036854775808): name the
+  // int64 limit instead of printing a wrong number.
+  function bound(value, schema) {
+    if (!Number.isInteger(value) || Number.isSafeInteger(value)) return String(value);
+    if (schema.format === "int64" && value >= 2 ** 63 - 2 ** 11) return "2^63−1";
+    return `about ${value.toExponential(3)}`;
+  }
+
   // One schema property as a labelled control with its description; null for the images and targets.
   function controlFor(name, schema) {
     if (Array.isArray(schema.anyOf)) schema = { ...schema, ...(schema.anyOf.find((s) => s.type !== "null") || {}) };
-    if (schema.format === "binary" || schema.type === "array") return null; // files and boxes: the editors
+    if (schema.format === "binary" || name === "box") return null; // the images and targets: the editors
     const id = `param-${name}`;
     const field = document.createElement("div");
     field.className = "field";
@@ -183,20 +191,22 @@
     } else {
       control = document.createElement("input");
       control.type = "text";
+      if (schema.type === "array") control.dataset.repeat = "true"; // sent once per `;`-separated value
     }
     control.id = id;
     control.name = name;
     control.setAttribute("aria-describedby", help.id);
     const hasDefault = schema.default !== undefined && schema.default !== null;
     control.dataset.default = hasDefault ? String(schema.default) : "";
-    if (!hasDefault && control.type !== "checkbox") control.placeholder = "empty: the server chooses";
+    if (!hasDefault && control.type !== "checkbox") control.placeholder = "empty: left out";
 
     // The bounds and the default, after the description.
     const facts = [];
     if (typeof schema.minimum === "number" && typeof schema.maximum === "number") {
-      facts.push(`${schema.minimum} to ${schema.maximum}`);
+      facts.push(`${bound(schema.minimum, schema)} to ${bound(schema.maximum, schema)}`);
     }
     if (hasDefault) facts.push(`default ${schema.default}`);
+    if (control.dataset.repeat) facts.push("several: separate them with ;");
     if (facts.length) help.append(document.createTextNode(` (${facts.join(", ")})`));
 
     if (control.type === "checkbox") {
@@ -286,25 +296,26 @@
     buildTools(tools) {
       const k = this.kind;
       const toolChoices = (this.allowBoxes ? [["box", "Box"]] : []).concat([["brush", "Brush"], ["erase", "Eraser"]]);
+      // Each label sits with its control (.tool); the groups wrap as the panel narrows.
       tools.innerHTML = `
         <fieldset class="tool-choice"><legend>Tool</legend>
           ${toolChoices.map(([value, text]) => `
             <label><input type="radio" name="${k}-tool" value="${value}" id="${k}-tool-${value}"> ${text}</label>`)
             .join("")}
         </fieldset>
-        <label for="${k}-size">Brush size <output id="${k}-size-out" for="${k}-size"></output></label>
-        <input id="${k}-size" type="range" min="1" max="200" step="1">
-        <label for="${k}-opacity">Mask opacity</label>
-        <input id="${k}-opacity" type="range" min="0" max="100" step="5">
-        <label for="${k}-zoom">Zoom</label>
-        <select id="${k}-zoom">
-          <option value="fit">Fit</option><option value="0.25">25%</option><option value="0.5">50%</option>
-          <option value="1">100%</option><option value="2">200%</option><option value="4">400%</option>
-        </select>
-        <button type="button" id="${k}-undo">Undo</button>
-        <button type="button" id="${k}-clear">Clear</button>
-        <label for="${k}-mask-file">Mask from a file <span class="hint">(white = inside)</span></label>
-        <input id="${k}-mask-file" type="file" accept="image/png,image/jpeg,image/webp,image/gif,image/bmp">`;
+        <span class="tool"><label for="${k}-size">Brush <output id="${k}-size-out" for="${k}-size"></output></label>
+          <input id="${k}-size" type="range" min="1" max="200" step="1"></span>
+        <span class="tool"><label for="${k}-opacity">Mask opacity</label>
+          <input id="${k}-opacity" type="range" min="0" max="100" step="5"></span>
+        <span class="tool"><label for="${k}-zoom">Zoom</label>
+          <select id="${k}-zoom">
+            <option value="fit">Fit</option><option value="0.25">25%</option><option value="0.5">50%</option>
+            <option value="1">100%</option><option value="2">200%</option><option value="4">400%</option>
+          </select></span>
+        <span class="tool"><button type="button" id="${k}-undo">Undo</button>
+          <button type="button" id="${k}-clear">Clear</button></span>
+        <span class="tool"><label for="${k}-mask-file">Mask from a file <span class="hint">(white = inside)</span></label>
+          <input id="${k}-mask-file" type="file" accept="image/png,image/jpeg,image/webp,image/gif,image/bmp"></span>`;
       tools.hidden = true;
       this.tools = tools;
       tools.querySelector(`#${k}-tool-${this.tool}`).checked = true;
@@ -493,7 +504,7 @@
       ctx.globalAlpha = this.opacity;
       ctx.drawImage(tint, 0, 0);
       ctx.globalAlpha = 1;
-      const line = Math.max(2, Math.round(Math.max(width, height) / 300));
+      const line = Math.max(3, Math.round(Math.max(width, height) / 200));
       ctx.lineWidth = line;
       ctx.font = `${Math.max(12, line * 7)}px sans-serif`;
       this.boxes.forEach((op, i) => this.drawBox(op, String(i + 1)));
@@ -771,8 +782,13 @@
     }
     for (const name of paramNames) {
       const control = $(`param-${name}`);
-      if (control.type === "checkbox") form.append(name, control.checked ? "true" : "false");
-      else if (control.value.trim() !== "") form.append(name, control.value.trim());
+      if (control.type === "checkbox") {
+        form.append(name, control.checked ? "true" : "false");
+      } else if (control.dataset.repeat) {
+        for (const value of control.value.split(";")) if (value.trim()) form.append(name, value.trim());
+      } else if (control.value.trim() !== "") {
+        form.append(name, control.value.trim());
+      }
     }
     return form;
   }
@@ -828,7 +844,9 @@
   // "field: value" lines, a blank line ends an event, lines starting with ":" are comments).
   async function* readEvents(response) {
     const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    const newline = /\r\n|\r|\n/g;
     let buffer = "";
+    let scanned = 0; // no line end before this index of buffer: a long line (the result's image) is scanned once
     let event = "message";
     let data = [];
     for (let finished = false; !finished;) {
@@ -836,11 +854,20 @@
       finished = done;
       if (value) buffer += value;
       for (;;) {
-        const m = /\r\n|\r|\n/.exec(buffer);
+        newline.lastIndex = scanned;
+        const m = newline.exec(buffer);
+        if (!m) {
+          scanned = buffer.length;
+          break;
+        }
         // A lone \r at the end may be the first half of \r\n: wait for the next chunk.
-        if (!m || (m[0] === "\r" && m.index === buffer.length - 1 && !finished)) break;
+        if (m[0] === "\r" && m.index === buffer.length - 1 && !finished) {
+          scanned = m.index;
+          break;
+        }
         const line = buffer.slice(0, m.index);
         buffer = buffer.slice(m.index + m[0].length);
+        scanned = 0;
         if (line === "") {
           if (data.length) yield { event, data: data.join("\n") };
           event = "message";
@@ -919,6 +946,7 @@
   async function run() {
     if (running) return;
     clearErrors();
+    $("result").hidden = true; // the previous result goes: what shows next belongs to this run
     const controller = new AbortController();
     running = controller;
     $("run").disabled = true;

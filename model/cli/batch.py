@@ -1,0 +1,972 @@
+"""``anydoor batch``: many images from a JSON Lines manifest, written as a labelled dataset; resumable.
+
+Each manifest line is one request, keyed like ``/predict`` (``reference``, ``background``, one target, any
+parameter by its spec name) with file paths relative to the manifest. The output directory gets the images
+(``images/<id>.png``), one result record per finished line (``results.jsonl``), and the inserted objects' boxes
+as COCO (``annotations.json``) and YOLO (``labels/<id>.txt``, ``labels/classes.txt``) annotations.
+
+Every output file is written so that a kill at any moment leaves it whole: images and annotation files are
+written to a temporary file in the same directory, fsynced and renamed over the old one; ``results.jsonl`` is
+appended a line at a time and fsynced. Running the command again skips every line whose id has an ``ok`` record
+and an image, and retries the rest; a line that finished is never generated again.
+
+Two ways to run: **local** (``--weights`` or ``--demo``) generates in this process, preparing lines one by one and
+running those with the same denoising schedule (:attr:`Job.batch_key`) together, ``--batch`` jobs per
+:meth:`AnyDoorPipeline.run`; **remote** (``--url``, repeatable) sends each line as a multipart ``POST /predict``
+to the least busy of the servers, from ``--concurrency`` threads, honouring ``Retry-After`` and retrying transient
+failures with exponential backoff. HTTP uses the standard library only (``http.client``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import difflib
+import email.utils
+import http.client
+import json
+import math
+import mimetypes
+import os
+import queue
+import random
+import re
+import secrets
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from model.config import DTYPE_NAMES
+from model.errors import CheckpointError, ErrorCode, InputError
+from model.imaging.placement import Placement, place_boxes
+from model.imaging.regions import Box
+from model.pipeline.params import PARAM_NAMES, GenerationInputs, GenerationParams
+from model.progress import ProgressBar
+
+PROG = "anydoor batch"
+DEVICE_HELP = "cpu, cuda, cuda:N or auto (default: CUDA when available)"
+TARGETS = ("box", "background_mask", "placement")
+MANIFEST_KEYS = ("id", "reference", "reference_mask", "background", *TARGETS, *PARAM_NAMES)
+SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+RESERVED_IDS = ("classes",)  # labels/classes.txt lives next to labels/<id>.txt
+CONNECTION_ERROR = "connection_error"  # the one code of a failure that no server answered (the others are ErrorCodes)
+BAD_RESPONSE = "bad_response"  # a 200 whose body is not the documented JSON answer
+BACKOFF_BASE_S, BACKOFF_CAP_S, RETRY_AFTER_CAP_S = 0.5, 30.0, 300.0
+
+
+def supports_regions() -> bool:
+    """Whether this pipeline takes one reference per region and a placement (the extended request spec)."""
+    return "placement" in getattr(GenerationInputs, "__dataclass_fields__", {})
+
+
+# --- the manifest ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Line:
+    """One manifest line, validated: absolute paths, a target, the parameters."""
+
+    number: int  # 1-based line number in the manifest
+    id: str
+    references: tuple[Path, ...]
+    reference_masks: tuple[Path, ...]
+    background: Path
+    boxes: tuple[Box, ...] | None
+    background_mask: Path | None
+    placement: Placement | None
+    placement_area: Path | None
+    params: GenerationParams
+    given: tuple[str, ...]  # the parameters the line sets (sent as form fields; the rest are the defaults)
+
+    def regions_known(self) -> int | None:
+        """How many regions the line has, where that is known before decoding (boxes, placement)."""
+        if self.boxes is not None:
+            return len(self.boxes)
+        return self.placement.count if self.placement is not None else None
+
+    def classes(self, regions: int) -> list[str]:
+        """The category of each region: the stem of its reference (one reference serves all regions)."""
+        stems = [path.stem for path in self.references]
+        return [stems[min(i, len(stems) - 1)] if len(stems) > 1 else stems[0] for i in range(regions)]
+
+
+@dataclass(frozen=True)
+class BadLine:
+    number: int
+    id: str
+    error: InputError
+
+
+def _path(value: Any, field_name: str, base: Path) -> Path:
+    if not isinstance(value, str) or not value:
+        raise InputError(field_name, ErrorCode.INVALID_PARAMETER, f"must be a file path (a string), got {value!r}")
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else base / path
+    if not path.is_file():
+        raise InputError(field_name, ErrorCode.UNREADABLE_FILE, f"no such file: {path}")
+    return path
+
+
+def _paths(value: Any, field_name: str, base: Path) -> tuple[Path, ...]:
+    if isinstance(value, list):
+        if not value:
+            raise InputError(field_name, ErrorCode.INVALID_PARAMETER, "is an empty list")
+        return tuple(_path(item, field_name, base) for item in value)
+    return (_path(value, field_name, base),)
+
+
+def _boxes(value: Any) -> tuple[Box, ...]:
+    if not isinstance(value, list) or not value:
+        raise InputError("box", ErrorCode.INVALID_BOX, f"must be a list of [x, y, w, h] boxes, got {value!r}")
+    items = [value] if len(value) == 4 and all(not isinstance(v, list) for v in value) else value
+    boxes = []
+    for index, item in enumerate(items):
+        if (not isinstance(item, list) or len(item) != 4
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in item)):
+            raise InputError("box", ErrorCode.INVALID_BOX, f"box {index} must be four integers [x, y, w, h], "
+                             f"got {item!r}")
+        x, y, w, h = item
+        if x < 0 or y < 0 or w <= 0 or h <= 0:
+            raise InputError("box", ErrorCode.INVALID_BOX, f"box {index} needs x, y >= 0 and w, h > 0, got {item!r}")
+        boxes.append((x, y, w, h))
+    return tuple(boxes)
+
+
+def _line_id(raw: Mapping[str, Any], number: int) -> str:
+    if "id" not in raw:
+        return str(number)
+    value = raw["id"]
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        value = str(value)
+    if not isinstance(value, str) or not SAFE_ID.fullmatch(value) or value.lower() in RESERVED_IDS:
+        raise InputError("id", ErrorCode.INVALID_PARAMETER, "must be a file name of letters, digits, '.', '_' and "
+                         f"'-' (not starting with '.' or '-', at most 128, not {RESERVED_IDS[0]!r}), got {value!r}")
+    return value
+
+
+def parse_line(raw: Any, number: int, base: Path) -> Line:
+    """A manifest line (its parsed JSON) validated into a :class:`Line`; :class:`InputError` naming the field."""
+    if not isinstance(raw, dict):
+        raise InputError(None, ErrorCode.INVALID_PARAMETER, f"a manifest line must be a JSON object, got "
+                         f"{type(raw).__name__}")
+    for key in raw:
+        if key not in MANIFEST_KEYS:
+            close = difflib.get_close_matches(key, MANIFEST_KEYS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; the keys are {', '.join(MANIFEST_KEYS)}"
+            raise InputError(key, ErrorCode.UNKNOWN_FIELD, f"is not a manifest key{hint}")
+    line_id = _line_id(raw, number)
+    for required in ("reference", "background"):
+        if required not in raw:
+            raise InputError(required, ErrorCode.MISSING_FIELD, "is required")
+    given = [name for name in TARGETS if name in raw]
+    if not given:
+        raise InputError("box", ErrorCode.MISSING_TARGET, "give one target: box, background_mask or placement")
+    if len(given) > 1:
+        raise InputError(given[1], ErrorCode.CONFLICTING_TARGET, f"give one target, not both {given[0]} and "
+                         f"{given[1]}")
+    references = _paths(raw["reference"], "reference", base)
+    masks = _paths(raw["reference_mask"], "reference_mask", base) if "reference_mask" in raw else ()
+    if len(masks) > 1 and len(masks) != len(references):
+        raise InputError("reference_mask", ErrorCode.INVALID_PARAMETER,
+                         f"{len(masks)} masks for {len(references)} references; give one per reference")
+    background = _path(raw["background"], "background", base)
+    boxes = _boxes(raw["box"]) if "box" in raw else None
+    background_mask = _path(raw["background_mask"], "background_mask", base) if "background_mask" in raw else None
+    placement = area = None
+    if "placement" in raw:
+        spec = raw["placement"]
+        if not isinstance(spec, dict):
+            raise InputError("placement", ErrorCode.INVALID_PARAMETER, "must be an object with the placement keys "
+                             f"and 'area', got {spec!r}")
+        if "area" not in spec:
+            raise InputError("placement", ErrorCode.MISSING_FIELD, "'area' (the path of the allowed-area mask) is "
+                             "required")
+        area = _path(spec["area"], "placement_area", base)
+        placement = Placement.from_dict({k: v for k, v in spec.items() if k != "area"})
+    params_given = tuple(name for name in PARAM_NAMES if name in raw)
+    params = GenerationParams(**{name: raw[name] for name in params_given})  # validated by the spec
+    line = Line(number, line_id, references, masks, background, boxes, background_mask, placement, area, params,
+                params_given)
+    regions = line.regions_known()
+    if len(references) > 1 and regions is not None and regions != len(references):
+        raise InputError("reference", ErrorCode.INVALID_PARAMETER,
+                         f"{len(references)} references for {regions} regions; give one, or one per region")
+    return line
+
+
+def read_manifest(path: Path) -> tuple[list[Line], list[BadLine], int]:
+    """Every line of the manifest: the valid ones, the bad ones (with the reason), and the count of lines."""
+    base = path.parent.resolve()
+    lines: list[Line] = []
+    bad: list[BadLine] = []
+    seen: dict[str, int] = {}
+    total = 0
+    with path.open(encoding="utf-8") as manifest:
+        for number, text in enumerate(manifest, start=1):
+            if not text.strip():
+                continue  # blank lines are not lines of the dataset (a trailing newline, spacing)
+            total += 1
+            raw: Any = None
+            line_id = str(number)
+            try:
+                try:
+                    raw = json.loads(text)
+                except ValueError as exc:
+                    raise InputError(None, ErrorCode.INVALID_PARAMETER, f"the line is not valid JSON: {exc}") from None
+                if isinstance(raw, dict):
+                    line_id = _line_id(raw, number)
+                    if line_id.lower() in seen:
+                        raise InputError("id", ErrorCode.INVALID_PARAMETER,
+                                         f"{line_id!r} is also the id of line {seen[line_id.lower()]}")
+                    seen[line_id.lower()] = number
+                lines.append(parse_line(raw, number, base))
+            except InputError as exc:
+                bad.append(BadLine(number, line_id if exc.field != "id" else str(number), exc))
+    return lines, bad, total
+
+
+# --- the output directory ---------------------------------------------------------------------------------------
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader (or a crash) sees the old file or the new one, never a part."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with tmp.open("wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    with contextlib.suppress(OSError):  # the rename itself made durable (not possible on every platform)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def rle(mask: np.ndarray) -> dict[str, Any]:
+    """COCO's uncompressed run-length encoding of a mask: run lengths in column-major order, 0s first."""
+    flat = np.asarray(mask, dtype=bool).ravel(order="F")
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    counts = np.diff(np.r_[0, edges, flat.size]).tolist()
+    if flat.size and flat[0]:
+        counts.insert(0, 0)
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts}
+
+
+@dataclass
+class Finished:
+    """What a line gave: its image and what the annotations need."""
+
+    png: bytes
+    width: int
+    height: int
+    seed: int
+    boxes: list[Box]
+    timings: dict[str, float]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Outputs:
+    """The output directory: images, labels, the results log and the annotations; one writer at a time."""
+
+    def __init__(self, root: Path, *, annotations_every: int) -> None:
+        self.root = root
+        self.images = root / "images"
+        self.labels = root / "labels"
+        self.results_path = root / "results.jsonl"
+        self.annotations_path = root / "annotations.json"
+        self.classes_path = self.labels / "classes.txt"
+        self.annotations_every = annotations_every
+        self.manifest_lines: dict[str, int] = {}  # id -> line number: the lines the annotations cover
+        self._lock = threading.Lock()
+        self._since_annotations = 0
+        self.images.mkdir(parents=True, exist_ok=True)
+        self.labels.mkdir(parents=True, exist_ok=True)
+        self._lockfile = (root / ".lock").open("a")
+        try:
+            import fcntl
+
+            fcntl.flock(self._lockfile.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # not POSIX: no lock, as before
+            pass
+        except OSError:
+            self._lockfile.close()
+            raise RuntimeError(f"another `{PROG}` is writing to {root}") from None
+        for folder in (self.images, self.labels, root):  # temporary files of a run that was killed
+            for stale in folder.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
+        self.records = self._load()
+        self.classes = self._load_classes()
+        self._results: IO[str] = self.results_path.open("a", encoding="utf-8")
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        """The latest record of each id in results.jsonl; a last line cut short by a kill is dropped."""
+        records: dict[str, dict[str, Any]] = {}
+        if not self.results_path.exists():
+            return records
+        data = self.results_path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            with self.results_path.open("r+b") as f:  # a partial last line would glue onto the next append
+                f.truncate(end)
+        for text in data[:end].decode("utf-8", errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(text)
+                if isinstance(record, dict) and isinstance(record.get("id"), str):
+                    records[record["id"]] = record
+        return records
+
+    def _load_classes(self) -> list[str]:
+        if not self.classes_path.exists():
+            return []
+        return [name for name in self.classes_path.read_text(encoding="utf-8").splitlines() if name]
+
+    def done(self, line_id: str) -> bool:
+        record = self.records.get(line_id)
+        return bool(record and record.get("status") == "ok" and (self.images / f"{line_id}.png").is_file())
+
+    def add_classes(self, names: Sequence[str]) -> None:
+        """Register category names; existing ones keep their index, so labels written earlier stay right."""
+        new = [name for name in dict.fromkeys(names) if name not in self.classes]
+        if new or not self.classes_path.exists():
+            self.classes.extend(new)
+            atomic_write(self.classes_path, "".join(f"{name}\n" for name in self.classes).encode("utf-8"))
+
+    def _append(self, record: dict[str, Any]) -> None:
+        self._results.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._results.flush()
+        os.fsync(self._results.fileno())
+        self.records[record["id"]] = record
+
+    def ok(self, line: Line, result: Finished) -> None:
+        classes = line.classes(len(result.boxes))
+        labels = []
+        for (x, y, w, h), name in zip(result.boxes, classes, strict=True):
+            cx, cy = (x + w / 2) / result.width, (y + h / 2) / result.height
+            labels.append(f"{self.classes.index(name)} {cx:.6f} {cy:.6f} {w / result.width:.6f} "
+                          f"{h / result.height:.6f}\n")
+        record = {"id": line.id, "line": line.number, "status": "ok", "seed": result.seed,
+                  "boxes": [list(b) for b in result.boxes], "classes": classes, "file": f"images/{line.id}.png",
+                  "width": result.width, "height": result.height,
+                  "timings": {k: round(v, 4) for k, v in result.timings.items()}, **result.extra}
+        with self._lock:
+            # Image and label first: an ok record always has its files; files without a record are redone.
+            atomic_write(self.images / f"{line.id}.png", result.png)
+            atomic_write(self.labels / f"{line.id}.txt", "".join(labels).encode("utf-8"))
+            self._append(record)
+            self._tick()
+
+    def failed(self, number: int, line_id: str, code: str, field_name: str | None, message: str,
+               seed: int | None = None) -> None:
+        record = {"id": line_id, "line": number, "status": "failed", "seed": seed,
+                  "error": {"code": code, "field": field_name, "message": message}}
+        with self._lock:
+            self._append(record)
+            self._tick()
+
+    def _tick(self) -> None:
+        self._since_annotations += 1
+        if self._since_annotations >= self.annotations_every:
+            self._write_annotations()
+
+    def write_annotations(self) -> None:
+        with self._lock:
+            self._write_annotations()
+
+    def _write_annotations(self) -> None:
+        # The manifest's lines that have an ok record, numbered by their line (the COCO image id): records of ids
+        # the manifest no longer has are not part of this dataset.
+        numbers = self.manifest_lines
+        done = sorted((numbers[i], i, r) for i, r in self.records.items() if r.get("status") == "ok" and i in numbers)
+        images, annotations = [], []
+        for number, line_id, record in done:
+            images.append({"id": number, "file_name": f"{line_id}.png", "width": record["width"],
+                           "height": record["height"]})
+            segmentations = record.get("segmentation") or [None] * len(record["boxes"])
+            for box, name, seg in zip(record["boxes"], record["classes"], segmentations, strict=True):
+                x, y, w, h = box
+                item: dict[str, Any] = {"id": len(annotations) + 1, "image_id": number,
+                                        "category_id": self.classes.index(name) + 1, "bbox": [x, y, w, h],
+                                        "area": w * h, "iscrowd": 0}
+                if seg is not None:
+                    item["segmentation"] = seg
+                    item["area"] = int(sum(seg["counts"][1::2]))
+                annotations.append(item)
+        coco = {"info": {"description": "AnyDoor batch output", "version": "1.0",
+                         "date_created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+                "licenses": [], "images": images, "annotations": annotations,
+                "categories": [{"id": i + 1, "name": name, "supercategory": "object"}
+                               for i, name in enumerate(self.classes)]}
+        atomic_write(self.annotations_path, json.dumps(coco, separators=(",", ":")).encode("utf-8"))
+        self._since_annotations = 0
+
+    def close(self) -> None:
+        self._results.close()
+        self._lockfile.close()
+
+
+def segmentations(line: Line, boxes: Sequence[Box]) -> list[dict[str, Any] | None] | None:
+    """With shape control and a background mask the object follows each region's shape: the region's RLE, matched
+    to its box (the pipeline splits the mask the same way); otherwise None (the box is the annotation)."""
+    if line.background_mask is None or not line.params.shape_control:
+        return None
+    from model.imaging.decode import load_mask
+    from model.imaging.regions import split_mask
+
+    mask = load_mask(line.background_mask, field="background_mask", size=None)
+    by_box: dict[Box, np.ndarray] = {}
+    for region in split_mask(mask):
+        ys, xs = np.nonzero(region)
+        by_box[(int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1))] = region
+    found = [by_box.get(box) for box in boxes]
+    return [rle(region) if region is not None else None for region in found]
+
+
+# --- progress and the summary -----------------------------------------------------------------------------------
+
+
+class Report:
+    """Counts, the progress bar and the messages about bad lines (stderr)."""
+
+    def __init__(self, outputs: Outputs, total: int, skipped: int, quiet: bool) -> None:
+        self.outputs = outputs
+        self.total, self.skipped = total, skipped
+        self.ok = self.failed = 0
+        self.bar = ProgressBar("batch", not quiet, unit="images")
+        self.lock = threading.Lock()
+        self.start = time.monotonic()
+        self.bar.begin(skipped, total)
+
+    def start_clock(self) -> None:
+        """Count the rate and ETA from here (after the model loaded and the bad lines were reported), so they
+        measure generation, not start-up or the lines refused at once."""
+        self.bar.start_done, self.bar.t0 = self.skipped + self.ok + self.failed, time.monotonic()
+
+    def _done(self) -> None:
+        self.bar.update(self.skipped + self.ok + self.failed)
+
+    def succeeded(self, line: Line, result: Finished) -> None:
+        self.outputs.ok(line, result)
+        with self.lock:
+            self.ok += 1
+            self._done()
+
+    def line_failed(self, number: int, line_id: str, code: str, field_name: str | None, message: str,
+                    seed: int | None = None) -> None:
+        self.outputs.failed(number, line_id, code, field_name, message, seed)
+        with self.lock:
+            self.failed += 1
+            where = f" {field_name}:" if field_name and not message.startswith(f"{field_name}:") else ""
+            clear = "\r\x1b[K" if self.bar.tty and self.bar.enabled else ""
+            self.bar.stream.write(f"{clear}line {number} (id {line_id}) failed:{where} {message} [{code}]\n")
+            self._done()
+
+    def input_error(self, line: Line | BadLine, exc: InputError, seed: int | None = None) -> None:
+        self.line_failed(line.number, line.id, exc.code.value, exc.field, exc.message, seed)
+
+    def summary(self, loaded_s: float, wall_s: float) -> str:
+        self.bar.end(self.skipped + self.ok + self.failed)
+        busy = max(wall_s - loaded_s, 1e-9)
+        return (f"batch: {self.ok} ok, {self.failed} failed, {self.skipped} skipped (done before) of {self.total} "
+                f"lines; {self.ok / busy:.3f} images/s over {busy:.1f} s, wall time {wall_s:.1f} s "
+                f"(model load {loaded_s:.1f} s)")
+
+
+# --- local mode --------------------------------------------------------------------------------------------------
+
+
+def local_inputs(line: Line, native: bool) -> tuple[GenerationInputs, GenerationParams]:
+    """The request of one line for the in-process pipeline. Without the pipeline's own placement the boxes are
+    placed here with the same algorithm, seeded the same way (from the request's seed unless the line fixes one)."""
+    refs = line.references
+    masks = line.reference_masks
+    if (len(refs) > 1 or len(masks) > 1) and not native:
+        raise InputError("reference", ErrorCode.INVALID_PARAMETER, "one reference per region needs a pipeline "
+                         "with per-region references; this one takes a single reference")
+    reference: Any = refs[0] if len(refs) == 1 else refs
+    reference_mask: Any = (masks[0] if len(masks) == 1 else masks) if masks else None
+    params = line.params
+    if line.placement is None:
+        return GenerationInputs(reference=reference, background=line.background, reference_mask=reference_mask,
+                                background_mask=line.background_mask, boxes=line.boxes), params
+    if native:
+        return GenerationInputs(reference=reference, background=line.background,  # type: ignore[call-arg]
+                                reference_mask=reference_mask, placement=line.placement,
+                                placement_area=line.placement_area), params
+    from model.imaging.decode import load_image, load_mask
+
+    params = params.with_seed(secrets.randbits(63) if params.seed is None else params.seed)
+    assert params.seed is not None and line.placement_area is not None
+    background = load_image(line.background, field="background")
+    area = load_mask(line.placement_area, field="placement_area", size=background.shape[:2])
+    boxes = place_boxes(area, line.placement, line.placement.seed_for(params.seed))
+    return GenerationInputs(reference=reference, background=background, reference_mask=reference_mask,
+                            boxes=tuple(boxes)), params
+
+
+def run_local(pipe: Any, lines: Sequence[Line], report: Report, *, batch: int) -> None:
+    """Prepare each line, and run lines with one denoising schedule together, ``batch`` jobs per pipe.run."""
+    native = supports_regions()
+    pending: dict[Any, list[tuple[Line, Any]]] = {}
+
+    def flush(key: Any) -> None:
+        group = pending.pop(key)
+        try:
+            results = pipe.run([job for _, job in group])
+        except Exception as exc:  # one bad job must not take its batch mates down: run them one at a time
+            if len(group) > 1:
+                for item in group:
+                    pending[key] = [item]
+                    flush(key)
+                return
+            line, job = group[0]
+            report.line_failed(line.number, line.id, ErrorCode.INTERNAL_ERROR.value, None,
+                               f"{type(exc).__name__}: {exc}", job.seed)
+            return
+        for (line, _), result in zip(group, results, strict=True):
+            try:
+                extra = {}
+                seg = segmentations(line, result.boxes)
+                if seg is not None:
+                    extra["segmentation"] = seg
+                report.succeeded(line, Finished(result.to_png(), result.image.width, result.image.height,
+                                                result.seed, [tuple(b) for b in result.boxes], dict(result.timings),
+                                                extra))
+            except InputError as exc:
+                report.input_error(line, exc, result.seed)
+
+    for line in lines:
+        try:
+            inputs, params = local_inputs(line, native)
+            job = pipe.prepare(inputs, params)
+        except InputError as exc:
+            report.input_error(line, exc, line.params.seed)
+            continue
+        except Exception as exc:  # a bug or an unreadable file must cost one line, not the run
+            report.line_failed(line.number, line.id, ErrorCode.INTERNAL_ERROR.value, None,
+                               f"{type(exc).__name__}: {exc}", line.params.seed)
+            continue
+        group = pending.setdefault(job.batch_key, [])
+        group.append((line, job))
+        if len(group) >= batch:
+            flush(job.batch_key)
+        elif sum(len(g) for g in pending.values()) >= 4 * batch:  # bound the prepared jobs held in memory
+            flush(max(pending, key=lambda k: len(pending[k])))
+    for key in list(pending):
+        flush(key)
+
+
+# --- remote mode -------------------------------------------------------------------------------------------------
+
+
+def _quote(text: str) -> str:
+    # The HTML standard's escaping of names in multipart/form-data: quote, CR and LF percent-encoded.
+    return text.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def encode_multipart(parts: Sequence[tuple[str, str | tuple[str, bytes]]]) -> tuple[bytes, str]:
+    """A multipart/form-data body and its Content-Type: text fields ``(name, text)`` and files
+    ``(name, (filename, bytes))``, in order, repeated names allowed."""
+    while True:
+        boundary = f"anydoor-{secrets.token_hex(16)}"
+        if not any(boundary.encode() in (v[1] if isinstance(v, tuple) else v.encode()) for _, v in parts):
+            break
+    chunks: list[bytes] = []
+    for name, value in parts:
+        if isinstance(value, str):
+            head = f'Content-Disposition: form-data; name="{_quote(name)}"\r\n\r\n'
+            chunks += [f"--{boundary}\r\n{head}".encode(), value.encode("utf-8"), b"\r\n"]
+        else:
+            filename, data = value
+            kind = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+            head = (f'Content-Disposition: form-data; name="{_quote(name)}"; filename="{_quote(filename)}"\r\n'
+                    f"Content-Type: {kind}\r\n\r\n")
+            chunks += [f"--{boundary}\r\n{head}".encode(), data, b"\r\n"]
+    chunks.append(f"--{boundary}--\r\n".encode())
+    return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def form_parts(line: Line) -> list[tuple[str, str | tuple[str, bytes]]]:
+    """The line as the fields of the /predict form (files read here)."""
+
+    def file(name: str, path: Path) -> tuple[str, tuple[str, bytes]]:
+        try:
+            return name, (path.name, path.read_bytes())
+        except OSError as exc:
+            raise InputError(name, ErrorCode.UNREADABLE_FILE, f"cannot read {path}: {exc.strerror}") from None
+
+    parts: list[tuple[str, str | tuple[str, bytes]]] = [file("reference", p) for p in line.references]
+    parts += [file("reference_mask", p) for p in line.reference_masks]
+    parts.append(file("background", line.background))
+    if line.background_mask is not None:
+        parts.append(file("background_mask", line.background_mask))
+    if line.boxes is not None:
+        parts += [("box", ",".join(str(v) for v in box)) for box in line.boxes]
+    if line.placement is not None and line.placement_area is not None:
+        parts.append(("placement", line.placement.to_json()))
+        parts.append(file("placement_area", line.placement_area))
+    parts += [(name, _text(getattr(line.params, name))) for name in line.given]
+    return parts
+
+
+class Servers:
+    """The servers and how many requests each has in flight: a request goes to the least busy, ties taken in turn."""
+
+    def __init__(self, urls: Sequence[str]) -> None:
+        self.urls = list(urls)
+        self.busy = [0] * len(urls)
+        self.turn = 0
+        self.lock = threading.Lock()
+
+    def acquire(self) -> int:
+        with self.lock:
+            n = len(self.urls)
+            order = [(self.turn + k) % n for k in range(n)]
+            index = min(order, key=lambda i: self.busy[i])
+            self.turn = (index + 1) % n
+            self.busy[index] += 1
+            return index
+
+    def release(self, index: int) -> None:
+        with self.lock:
+            self.busy[index] -= 1
+
+
+@dataclass
+class Attempt:
+    """How one POST ended: an HTTP answer, or no answer (``status`` 0, ``error`` says why)."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    error: str = ""
+
+
+def post(url: str, body: bytes, headers: Mapping[str, str], timeout: float) -> Attempt:
+    parts = urlsplit(url)
+    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = cls(parts.hostname or "", parts.port, timeout=timeout)
+    try:
+        conn.request("POST", parts.path.rstrip("/") + "/predict", body=body, headers=dict(headers))
+        response = conn.getresponse()
+        data = response.read()
+        return Attempt(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
+    except (OSError, http.client.HTTPException) as exc:
+        return Attempt(0, {}, b"", f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+    finally:
+        conn.close()
+
+
+def retry_after(value: str | None) -> float | None:
+    """``Retry-After`` in seconds: delta-seconds or an HTTP date; None if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    with contextlib.suppress(TypeError, ValueError, IndexError):
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time())
+    return None
+
+
+def backoff(attempt: int) -> float:
+    """Exponential backoff with full-range jitter (0.5x to 1.5x), so that retrying clients spread out."""
+    return min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** attempt) * (0.5 + random.random())
+
+
+def _error_of(attempt: Attempt) -> tuple[str, str | None, str]:
+    """(code, field, message) of a refused request, from the service's JSON error body where there is one."""
+    with contextlib.suppress(ValueError, AttributeError, TypeError):
+        body = json.loads(attempt.body)
+        return str(body["error"]), body.get("field"), str(body.get("message", ""))
+    text = attempt.body[:200].decode("utf-8", errors="replace").strip()
+    return f"http_{attempt.status}", None, f"HTTP {attempt.status}" + (f": {text}" if text else "")
+
+
+def _answer(attempt: Attempt) -> Finished:
+    """The /predict JSON answer read into a :class:`Finished` (ValueError if it is not that)."""
+    body = json.loads(attempt.body)
+    png = base64.b64decode(body["image"], validate=True)
+    if not png.startswith(b"\x89PNG\r\n\x1a\n"):
+        raise ValueError("the image is not a PNG")
+    boxes: list[Box] = []
+    for box in body["boxes"]:
+        if not isinstance(box, list) or len(box) != 4:
+            raise ValueError(f"a box is not [x, y, w, h]: {box!r}")
+        boxes.append((int(box[0]), int(box[1]), int(box[2]), int(box[3])))
+    timings = {name: float(ms) / 1000 for name, ms in (body.get("timings_ms") or {}).items()}
+    return Finished(png, int(body["width"]), int(body["height"]), int(body["seed"]), boxes, timings)
+
+
+@dataclass
+class RemoteOptions:
+    urls: Sequence[str]
+    concurrency: int
+    api_key: str | None
+    retries: int
+    timeout_s: float
+
+
+def send_line(line: Line, servers: Servers, options: RemoteOptions, stop: threading.Event
+              ) -> tuple[Finished | None, tuple[str, str | None, str] | None]:
+    """One line to the servers until it succeeds, fails for good or runs out of retries."""
+    try:
+        body, content_type = encode_multipart(form_parts(line))
+    except InputError as exc:
+        return None, (exc.code.value, exc.field, exc.message)
+    headers = {"Content-Type": content_type, "Accept": "application/json", "Content-Length": str(len(body))}
+    if options.api_key:
+        headers["Authorization"] = f"Bearer {options.api_key}"
+    last: tuple[str, str | None, str] = (CONNECTION_ERROR, None, "no attempt was made")
+    for attempt_no in range(options.retries + 1):
+        index = servers.acquire()
+        try:
+            attempt = post(servers.urls[index], body, headers, options.timeout_s)
+        finally:
+            servers.release(index)
+        url = servers.urls[index]
+        if attempt.status == 200:
+            try:
+                result = _answer(attempt)
+            except (ValueError, KeyError, TypeError) as exc:
+                last, wait = (BAD_RESPONSE, None, f"{url} answered 200 with an unreadable body: {exc}"), None
+            else:
+                result.extra = {"server": url, "attempts": attempt_no + 1}
+                return result, None
+        elif attempt.status == 0:
+            last, wait = (CONNECTION_ERROR, None, f"{url}: {attempt.error}"), None
+        elif attempt.status in (429, 503) or attempt.status >= 500:
+            # Overloaded, draining or starting (429/503, with the server's own estimate), or a server fault: try
+            # again, wherever is least busy then.
+            last = _error_of(attempt)
+            wait = retry_after(attempt.headers.get("retry-after")) if attempt.status in (429, 503) else None
+        else:
+            return None, _error_of(attempt)  # the request itself is wrong: sending it again cannot help
+        if attempt_no == options.retries:
+            break
+        delay = backoff(attempt_no) if wait is None else min(wait, RETRY_AFTER_CAP_S) * (1 + 0.1 * random.random())
+        if stop.wait(delay):
+            break
+    code, field_name, message = last
+    return None, (code, field_name, f"{message} (gave up after {options.retries + 1} attempts)")
+
+
+def run_remote(lines: Sequence[Line], report: Report, options: RemoteOptions) -> None:
+    """``concurrency`` threads send the lines; this thread writes what they bring back (one writer)."""
+    servers = Servers(options.urls)
+    todo: queue.Queue[Line] = queue.Queue()
+    done: queue.Queue[tuple[Line, Finished | None, Any]] = queue.Queue()
+    stop = threading.Event()
+    for line in lines:
+        todo.put(line)
+
+    def worker() -> None:
+        while not stop.is_set():
+            try:
+                line = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                result, error = send_line(line, servers, options, stop)
+            except Exception as exc:  # a bug in one line must not strand the others
+                result, error = None, (ErrorCode.INTERNAL_ERROR.value, None, f"{type(exc).__name__}: {exc}")
+            done.put((line, result, error))
+
+    # Daemon threads: on Ctrl-C the process exits without waiting for requests in flight (they are redone later).
+    threads = [threading.Thread(target=worker, name=f"batch-{i}", daemon=True)
+               for i in range(min(options.concurrency, max(len(lines), 1)))]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(len(lines)):
+            line, result, error = done.get()
+            if result is not None:
+                try:
+                    seg = segmentations(line, result.boxes)
+                    if seg is not None:
+                        result.extra["segmentation"] = seg
+                    report.succeeded(line, result)
+                except InputError as exc:
+                    report.input_error(line, exc, result.seed)
+            else:
+                code, field_name, message = error
+                report.line_failed(line.number, line.id, code, field_name, message, line.params.seed)
+    finally:
+        stop.set()
+
+
+# --- the command ------------------------------------------------------------------------------------------------
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "batch",
+        help="generate every line of a JSON Lines manifest into a labelled dataset (COCO + YOLO), resumable",
+        description="Generate one image per line of MANIFEST (JSON Lines, keyed like /predict; paths relative to "
+        "the manifest) into OUT: images/<id>.png, results.jsonl, annotations.json (COCO), labels/<id>.txt (YOLO). "
+        "Run it again to resume: finished lines are skipped, failed ones retried. Exit status: 0 all lines ok, "
+        "1 some failed, 2 usage error.",
+    )
+    p.add_argument("manifest", type=Path, metavar="MANIFEST", help="the JSON Lines manifest")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help="output directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--weights", help="run locally with these weights (.safetensors, or the released .ckpt)")
+    src.add_argument("--demo", action="store_true", help="run locally with a tiny random DEMO model (noise)")
+    src.add_argument("--url", action="append", metavar="URL",
+                     help="send the lines to this AnyDoor server (repeatable: spread over all of them)")
+    p.add_argument("--config", help="model config for --weights: upstream YAML or preset name")
+    p.add_argument("--batch", type=_positive, default=4, metavar="N",
+                   help="local mode: jobs with the same steps and sampler run together, N per batch [default: 4]")
+    p.add_argument("--concurrency", type=_positive, default=None, metavar="N",
+                   help="remote mode: requests in flight at once [default: 2 per URL]")
+    p.add_argument("--retries", type=int, default=8, metavar="N",
+                   help="remote mode: retries of a line after 429/503, 5xx or a connection error [default: 8]")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                   help="remote mode: seconds to wait for one answer [default: 600]")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="remote mode: sent as `Authorization: Bearer KEY` [default: $ANYDOOR_API_KEY]")
+    p.add_argument("--annotations-every", type=_positive, default=20, metavar="N",
+                   help="rewrite annotations.json after every N finished lines (and at the end) [default: 20]")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPE_NAMES),
+                   help="compute dtype (auto: fp16 on CUDA, fp32 on the CPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _usage(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """SIGTERM ends the run like Ctrl-C: the annotations are written on the way out (a SIGKILL is resumed from)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(sig: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _check_urls(urls: Sequence[str]) -> str | None:
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return f"--url {url}: expected http(s)://HOST[:PORT][/PREFIX]"
+        try:
+            parts.port  # noqa: B018 - the property raises for a bad port
+        except ValueError as exc:
+            return f"--url {url}: {exc}"
+    return None
+
+
+def _load_pipeline(args: argparse.Namespace) -> Any:
+    from model.pipeline.run import AnyDoorPipeline  # torch and the networks load only when local mode runs
+
+    if args.demo:
+        print("DEMO MODEL: tiny random weights; the output is noise, not AnyDoor.", file=sys.stderr)
+        return AnyDoorPipeline.demo(device=None if args.device == "auto" else args.device)
+    return AnyDoorPipeline.from_pretrained(args.weights, config=args.config,
+                                           device=None if args.device == "auto" else args.device,
+                                           dtype=None if args.dtype == "auto" else args.dtype)
+
+
+def run(args: argparse.Namespace, *, pipeline: Any = None) -> int:
+    """The command; ``pipeline`` (tests, benchmarks) replaces loading one from the flags in local mode."""
+    started = time.monotonic()
+    remote = bool(args.url)
+    if remote:
+        problem = _check_urls(args.url)
+        if problem:
+            return _usage(problem)
+    elif pipeline is None:
+        from model.nn.anydoor import DeviceError, resolve_device, resolve_dtype
+
+        try:  # a device this machine lacks is a usage error, found before anything loads
+            device = resolve_device(args.device)
+            if not args.demo:
+                resolve_dtype(args.dtype, device)
+        except DeviceError as exc:
+            return _usage(f"--{exc.setting} {exc.value}: {exc.reason}")
+    if args.retries < 0 or not math.isfinite(args.timeout) or args.timeout <= 0:
+        return _usage("--retries must be at least 0 and --timeout positive")
+    try:
+        lines, bad, total = read_manifest(args.manifest)
+    except OSError as exc:
+        return _usage(f"cannot read the manifest {args.manifest}: {exc.strerror or exc}")
+    except UnicodeDecodeError as exc:
+        return _usage(f"the manifest {args.manifest} is not UTF-8 text: {exc}")
+    try:
+        outputs = Outputs(args.output, annotations_every=args.annotations_every)
+    except (OSError, RuntimeError) as exc:
+        return _usage(f"cannot use the output directory {args.output}: {exc}")
+    with contextlib.ExitStack() as stack, _sigterm_exits():
+        stack.callback(outputs.close)
+        outputs.add_classes([path.stem for line in lines for path in line.references])
+        outputs.manifest_lines = {line.id: line.number for line in lines}
+        todo = [line for line in lines if not outputs.done(line.id)]
+        bad_todo = [b for b in bad if not outputs.done(b.id)]
+        skipped = total - len(todo) - len(bad_todo)
+        report = Report(outputs, total, skipped, args.quiet)
+        stack.callback(outputs.write_annotations)  # also on Ctrl-C / SIGTERM: what finished is annotated
+        for item in bad_todo:
+            report.input_error(item, item.error)
+        loaded_s = 0.0
+        if todo and not remote:
+            pipe = pipeline
+            if pipe is None:
+                try:
+                    pipe = _load_pipeline(args)
+                except (CheckpointError, FileNotFoundError, ValueError, InputError) as exc:
+                    return _usage(f"cannot load the model: {exc}")
+            loaded_s = time.monotonic() - started
+            report.start_clock()
+            run_local(pipe, todo, report, batch=args.batch)
+        elif todo:
+            api_key = args.api_key if args.api_key is not None else os.environ.get("ANYDOOR_API_KEY")
+            concurrency = args.concurrency or 2 * len(args.url)
+            report.start_clock()
+            run_remote(todo, report, RemoteOptions(args.url, concurrency, api_key or None, args.retries,
+                                                   args.timeout))
+        print(report.summary(loaded_s, time.monotonic() - started))
+        print(f"wrote {args.output}/ (images/, results.jsonl, annotations.json, labels/)")
+        return 0 if report.failed == 0 else 1

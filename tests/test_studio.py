@@ -1,0 +1,460 @@
+"""The studio page (``GET /``) in a real headless Chromium against the real service with the demo model.
+
+Selenium drives the page as a person would: it uploads the fixture images into the file inputs, drags a target
+box on the canvas with mouse events, edits the generated parameter controls and runs. The page talks to the
+server over ``POST /predict`` with ``Accept: text/event-stream``; the tests watch its progress bar advance and
+check the result image, the seed, the errors and the API-key prompt. The first test saves ``docs/studio.png``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.support.server import CASE_A, REPO, ServerProcess
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+    pytest.skip("needs Chromium and chromedriver at /usr/bin (apt-get install chromium chromium-driver; .ci/run "
+                "installs them)", allow_module_level=True)
+pytest.importorskip("selenium", reason="needs selenium (the `test` extra)")
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
+from selenium.webdriver.remote.webelement import WebElement  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+DEMO_ENV = {"ANYDOOR_DEMO": "1", "ANYDOOR_DEVICE": "cpu", "ANYDOOR_WARMUP_STEPS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+API_KEY = "studio-test-key"
+REFERENCE = CASE_A / "reference.png"
+BACKGROUND = CASE_A / "background.png"
+SCREENSHOT = REPO / "docs" / "studio.png"
+CHROME_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run")
+RUN_TIMEOUT = 180  # seconds for one generation on a shared CPU
+
+# Installed before each run: logs what the page does that the tests check afterwards. The status and
+# Content-Type of every /predict answer (the event stream, not a fallback), each value the progress bar takes (the
+# page sets aria-valuenow with setAttribute) and each text the progress line shows. The hooks go in once per page.
+WATCH = """
+window.__log = {predict: [], progress: [], text: []};
+if (!window.__watching) {
+  window.__watching = true;
+  const realFetch = window.fetch;
+  window.fetch = async (...args) => {
+    const response = await realFetch(...args);
+    if (String(args[0]).endsWith('predict')) {
+      window.__log.predict.push([response.status, response.headers.get('Content-Type')]);
+    }
+    return response;
+  };
+  const bar = document.getElementById('progress');
+  const setAttribute = bar.setAttribute.bind(bar);
+  bar.setAttribute = (name, value) => {
+    if (name === 'aria-valuenow') {
+      window.__log.progress.push([Number(value), Number(bar.getAttribute('aria-valuemax'))]);
+    }
+    setAttribute(name, value);
+  };
+  new MutationObserver((records) => {
+    for (const r of records) for (const n of r.addedNodes) window.__log.text.push(n.textContent);
+  }).observe(document.getElementById('progress-text'), {childList: true});
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerProcess]:
+    with ServerProcess(DEMO_ENV) as proc:
+        proc.start()
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[WebDriver]:
+    profile = tempfile.mkdtemp(prefix="anydoor-studio-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in CHROME_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={profile}")
+    options.add_argument("--window-size=1440,1000")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait(driver: WebDriver, timeout: float = 30) -> WebDriverWait[WebDriver]:
+    return WebDriverWait(driver, timeout, poll_frequency=0.1)
+
+
+def by_id(driver: WebDriver, element_id: str) -> WebElement:
+    return driver.find_element(By.ID, element_id)
+
+
+def open_studio(driver: WebDriver, url: str) -> None:
+    driver.get(url)
+    wait(driver).until(lambda d: d.execute_script("return document.body.dataset.spec") == "loaded")
+
+
+def load_images(driver: WebDriver) -> None:
+    by_id(driver, "reference-file").send_keys(str(REFERENCE))
+    by_id(driver, "background-file").send_keys(str(BACKGROUND))
+    wait(driver).until(lambda d: d.execute_script(
+        "return document.getElementById('reference-editor').dataset.loaded === 'true'"
+        " && document.getElementById('background-editor').dataset.loaded === 'true'"))
+
+
+def set_value(driver: WebDriver, element_id: str, value: str) -> None:
+    control = by_id(driver, element_id)
+    control.clear()
+    control.send_keys(value)
+
+
+def drag_box(driver: WebDriver) -> tuple[int, int, int, int]:
+    """Drag a box on the background canvas with the mouse; return the box it should be, in background pixels."""
+    canvas = by_id(driver, "background-canvas")
+    rect: dict[str, float] = driver.execute_script("const r = arguments[0].getBoundingClientRect();"
+                                                   "return {w: r.width, h: r.height};", canvas)
+    # From (-25%, -20%) of the displayed size around the centre to (+10%, +20%): Selenium offsets are from the
+    # element's centre, in CSS pixels.
+    x0, y0 = round(-0.25 * rect["w"]), round(-0.2 * rect["h"])
+    dx, dy = round(0.35 * rect["w"]), round(0.4 * rect["h"])
+    actions = ActionChains(driver)
+    actions.move_to_element_with_offset(canvas, x0, y0).click_and_hold()
+    for i in range(1, 6):
+        actions.move_by_offset(dx // 5 if i < 5 else dx - 4 * (dx // 5), dy // 5 if i < 5 else dy - 4 * (dy // 5))
+    actions.release().perform()
+    scale = 640 / rect["w"]
+    left = (rect["w"] / 2 + x0) * scale
+    top = (rect["h"] / 2 + y0) * scale
+    return round(left), round(top), round(dx * scale), round(dy * scale)
+
+
+def run_and_wait(driver: WebDriver, outcome: str) -> None:
+    """Click Run and wait for #result or #error to show."""
+    driver.execute_script(WATCH)
+    by_id(driver, "run").click()
+    wait(driver, RUN_TIMEOUT).until(lambda d: not by_id(d, outcome).get_attribute("hidden")
+                                    and by_id(d, "run").is_enabled())
+
+
+def log_of(driver: WebDriver) -> dict[str, Any]:
+    log: dict[str, Any] = driver.execute_script("return window.__log")
+    return log
+
+
+def shown_error(driver: WebDriver) -> tuple[str, str, str]:
+    return (by_id(driver, "error-code").text, by_id(driver, "error-field").text,
+            by_id(driver, "error-message").text)
+
+
+def predict_answers(driver: WebDriver) -> list[tuple[int, str]]:
+    """(status, media type) of each /predict answer the page got since the last run_and_wait."""
+    return [(status, (kind or "").split(";")[0]) for status, kind in log_of(driver)["predict"]]
+
+
+def assert_ran_over_the_event_stream(driver: WebDriver) -> None:
+    assert predict_answers(driver) == [(200, "text/event-stream")]
+
+
+def assert_result(driver: WebDriver) -> tuple[str, str]:
+    """The result image is the background's size, with its seed, timings and download link; returns the seed and
+    the PNG (base64)."""
+    wait(driver).until(lambda d: d.execute_script("const i = document.getElementById('result-image');"
+                                                  "return i.complete && i.naturalWidth > 0"))
+    size = driver.execute_script("const i = document.getElementById('result-image');"
+                                 "return [i.naturalWidth, i.naturalHeight]")
+    assert size == [640, 480] == list(Image.open(BACKGROUND).size)
+    seed = by_id(driver, "seed").text
+    assert re.fullmatch(r"[0-9]+", seed), seed
+    link = by_id(driver, "download")
+    assert link.get_attribute("href").startswith("blob:") and link.get_attribute("download").endswith(".png")
+    timings = [th.text for th in driver.find_elements(By.CSS_SELECTOR, "#timings th")]
+    assert timings == ["queue", "preprocess", "encode", "sample", "decode", "postprocess", "total"]
+    # The downloadable PNG is the image the server made: decode it from the page.
+    png_b64: str = driver.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        fetch(document.getElementById('download').href).then((r) => r.arrayBuffer()).then((buf) => {
+          let s = ''; for (const b of new Uint8Array(buf)) s += String.fromCharCode(b); done(btoa(s));
+        });""")
+    assert Image.open(io.BytesIO(base64.b64decode(png_b64))).size == (640, 480)
+    return seed, png_b64
+
+
+def save_screenshot(driver: WebDriver) -> None:
+    """docs/studio.png: the page with a result, tall enough to show both editors, scaled to 3/4 and in a
+    256-colour palette to keep the file small."""
+    size = driver.get_window_size()
+    driver.set_window_size(1440, 1400)
+    driver.execute_script("window.scrollTo(0, 0)")
+    shot = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
+    driver.set_window_size(size["width"], size["height"])
+    shot = shot.resize((shot.width * 3 // 4, shot.height * 3 // 4), Image.Resampling.LANCZOS)
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    shot.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(SCREENSHOT,
+                                                                                             optimize=True)
+
+
+# --- tests ----------------------------------------------------------------------------------------------------
+
+
+def test_the_page_is_served_at_root_and_studio_with_its_assets_from_the_service(server: ServerProcess) -> None:
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        pages = [client.get(path) for path in ("/", "/studio")]
+        for page in pages:
+            assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert pages[0].text == pages[1].text
+        html = pages[0].text
+        assert "http://" not in html and "https://" not in html  # nothing from another host
+        for asset in re.findall(r'(?:src|href)="(static/studio/[^"]+)"', html):
+            assert client.get(f"/{asset}").status_code == 200, asset
+        assert len(re.findall(r'(?:src|href)="static/studio/', html)) == 2
+        for name in ("studio.js", "studio.css"):
+            text = client.get(f"/static/studio/{name}").text
+            assert not re.search(r"https?://", text), name
+        assert "/" not in client.get("/openapi.json").json()["paths"]  # the page is not part of the API
+
+
+def test_controls_are_generated_from_the_openapi_form_schema(server: ServerProcess, browser: WebDriver) -> None:
+    open_studio(browser, server.url + "/studio")
+    schema = httpx.get(server.url + "/openapi.json").json()["paths"]["/predict"]["post"]["requestBody"]["content"][
+        "multipart/form-data"]["schema"]["properties"]
+    # Everything but the files and the boxes is a parameter control.
+    params = {name: prop for name, prop in schema.items() if prop.get("format") != "binary" and name != "box"}
+    assert "steps" in params and "seed" in params
+    shown = [el.get_attribute("name") for el in browser.find_elements(By.CSS_SELECTOR, "#params [name]")]
+    assert shown == list(params)  # every parameter, in the schema's order, and nothing else
+    for name, prop in params.items():
+        control = by_id(browser, f"param-{name}")
+        label = browser.find_element(By.CSS_SELECTOR, f"label[for='param-{name}']")
+        assert label.text == name
+        help_text = by_id(browser, control.get_attribute("aria-describedby")).text
+        assert help_text.startswith(prop["description"].replace("`", "")[:40])
+        if "enum" in prop:
+            assert control.tag_name == "select"
+            assert [o.get_attribute("value") for o in control.find_elements(By.TAG_NAME, "option")] == prop["enum"]
+            assert control.get_attribute("value") == prop["default"]
+        elif prop["type"] == "boolean":
+            assert control.get_attribute("type") == "checkbox"
+            assert control.is_selected() is prop["default"]
+        elif prop.get("format") == "int64":
+            assert control.get_attribute("type") == "text" and control.get_attribute("value") == ""
+        elif prop["type"] in ("integer", "number"):
+            assert control.get_attribute("type") == "number"
+            assert float(control.get_attribute("min")) == prop["minimum"]
+            assert float(control.get_attribute("max")) == prop["maximum"]
+            assert float(control.get_attribute("value")) == prop["default"]
+        else:
+            assert control.get_attribute("type") == "text"
+    if "refine_reference_mask" in schema:
+        assert by_id(browser, "param-refine_reference_mask").get_attribute("type") == "checkbox"
+
+    # Every control of the page (the editors' tools appear with their images) has a label.
+    load_images(browser)
+    unlabelled = browser.execute_script("""
+        return [...document.querySelectorAll('input, select, textarea')]
+          .filter((el) => !el.labels || el.labels.length === 0).map((el) => el.id || el.outerHTML);""")
+    assert unlabelled == []
+    assert browser.execute_script("return [...document.querySelectorAll('[onclick], a:not([href])')].length") == 0
+    assert by_id(browser, "progress").tag_name == "progress"
+    assert by_id(browser, "status").get_attribute("aria-live") == "polite"
+
+
+def test_a_box_dragged_on_the_background_gives_a_result_over_the_event_stream(
+        server: ServerProcess, browser: WebDriver) -> None:
+    open_studio(browser, server.url + "/")
+    load_images(browser)
+    assert "transparency" in by_id(browser, "reference-note").text  # the RGBA cut-out's alpha is the mask
+    expected = drag_box(browser)
+    targets = [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#targets li")]
+    assert len(targets) == 1, targets
+    box = [int(v) for v in re.search(r"(\d+),(\d+),(\d+),(\d+)", targets[0]).groups()]  # type: ignore[union-attr]
+    assert all(abs(a - b) <= 3 for a, b in zip(box, expected, strict=True)), (box, expected)
+    set_value(browser, "param-steps", "2")
+
+    run_and_wait(browser, "result")
+    assert_ran_over_the_event_stream(browser)
+    log = log_of(browser)
+    steps = [step for step, total in log["progress"] if total == 2]
+    assert steps and steps == sorted(steps) and steps[-1] == 2, log["progress"]  # the bar advanced to the end
+    assert any(text.startswith("Queued") for text in log["text"]), log["text"]  # the queue position was shown
+    assert any(text.startswith("Step 1 of 2") for text in log["text"]), log["text"]
+    assert by_id(browser, "error").get_attribute("hidden")
+    seed, png = assert_result(browser)
+    assert by_id(browser, "result-regions").text.startswith("1")
+    save_screenshot(browser)
+    assert SCREENSHOT.stat().st_size < 500_000
+
+    # The seed goes back into the seed control for reuse, exactly (seeds go past 2^53, where JavaScript numbers
+    # round): the same inputs and seed give the same PNG.
+    by_id(browser, "seed").click()
+    assert by_id(browser, "param-seed").get_attribute("value") == seed
+    assert seed in by_id(browser, "status").text
+    run_and_wait(browser, "result")
+    assert_ran_over_the_event_stream(browser)
+    assert assert_result(browser) == (seed, png)
+
+
+def drag(driver: WebDriver, element: WebElement, start: tuple[int, int], moves: list[tuple[int, int]]) -> None:
+    actions = ActionChains(driver).move_to_element_with_offset(element, *start).click_and_hold()
+    for dx, dy in moves:
+        actions.move_by_offset(dx, dy)
+    actions.release().perform()
+
+
+def test_brushed_masks_with_brush_size_keys_and_undo(server: ServerProcess, browser: WebDriver) -> None:
+    open_studio(browser, server.url + "/")
+    load_images(browser)
+    reference, background = by_id(browser, "reference-canvas"), by_id(browser, "background-canvas")
+
+    # The reference: a stroke over the object becomes reference_mask (it replaces the alpha).
+    drag(browser, reference, (-20, 0), [(10, 10)] * 4)
+    assert "reference_mask" in by_id(browser, "reference-note").text
+
+    # The background: the brush, its size from the keyboard, a stroke, undo, another stroke.
+    browser.find_element(By.CSS_SELECTOR, "label:has(#background-tool-brush)").click()
+    size = by_id(browser, "background-size-out").text
+    background.click()  # focus the canvas: [ and ] act on the editor in use
+    background.send_keys("]")
+    bigger = by_id(browser, "background-size-out").text
+    assert int(bigger.split()[0]) > int(size.split()[0]), (size, bigger)
+    background.send_keys("[")
+    assert by_id(browser, "background-size-out").text != bigger
+    by_id(browser, "background-undo").click()  # the click above was a dot of the brush
+    drag(browser, background, (-40, -20), [(20, 10)] * 4)
+    assert "background_mask" in by_id(browser, "background-note").text
+    by_id(browser, "background-undo").click()
+    assert by_id(browser, "background-note").text == "Mark at least one target."
+    drag(browser, background, (-40, -20), [(20, 10)] * 4)
+    assert "background_mask" in by_id(browser, "background-note").text
+    set_value(browser, "param-steps", "2")
+
+    # A wide eraser along the same path leaves an empty mask, which is still sent: the server says so.
+    browser.find_element(By.CSS_SELECTOR, "label:has(#background-tool-erase)").click()
+    browser.execute_script("arguments[0].focus()", background)
+    background.send_keys("]" * 12)
+    assert by_id(browser, "background-size-out").text == "200 px"  # the largest size for this image
+    drag(browser, background, (-40, -20), [(20, 10)] * 4)
+    run_and_wait(browser, "error")
+    assert shown_error(browser)[:2] == ("empty_mask", "background_mask")
+
+    by_id(browser, "background-undo").click()  # the erasing undone
+    run_and_wait(browser, "result")  # both masks were white-on-black PNGs of their images' sizes
+    assert_ran_over_the_event_stream(browser)
+    assert_result(browser)
+    assert by_id(browser, "result-regions").text.startswith("1")
+
+
+def test_errors_show_the_field_and_message(server: ServerProcess, browser: WebDriver, tmp_path: Path) -> None:
+    open_studio(browser, server.url + "/")
+    load_images(browser)
+    set_value(browser, "param-steps", "2")
+
+    # No target at all: the server's missing_target.
+    run_and_wait(browser, "error")
+    assert predict_answers(browser) == [(422, "application/json")]
+    code, field, message = shown_error(browser)
+    assert (code, field) == ("missing_target", "background_mask") and "target" in message
+    assert by_id(browser, "error-field").is_displayed()
+    assert by_id(browser, "background-canvas").get_attribute("aria-invalid") == "true"
+
+    # An all-black mask from a file: empty_mask.
+    black = tmp_path / "black.png"
+    Image.new("L", (640, 480), 0).save(black)
+    by_id(browser, "background-mask-file").send_keys(str(black))
+    wait(browser).until(lambda d: "background_mask" in by_id(d, "background-note").text)
+    run_and_wait(browser, "error")
+    assert predict_answers(browser) == [(422, "application/json")]  # refused before the stream starts
+    code, field, message = shown_error(browser)
+    assert (code, field) == ("empty_mask", "background_mask") and "empty" in message, (code, field, message)
+
+    # A parameter out of its bounds: the control at fault is marked.
+    by_id(browser, "background-clear").click()
+    by_id(browser, "box-text").send_keys("200,150,160,140")
+    by_id(browser, "box-add").click()
+    set_value(browser, "param-steps", "5000")
+    run_and_wait(browser, "error")
+    code, field, message = shown_error(browser)
+    assert (code, field) == ("out_of_range", "steps") and "1000" in message
+    assert by_id(browser, "param-steps").get_attribute("aria-invalid") == "true"
+    assert by_id(browser, "result").get_attribute("hidden")
+
+
+def test_with_an_api_key_the_page_asks_for_it_once_then_works(browser: WebDriver) -> None:
+    with ServerProcess({**DEMO_ENV, "ANYDOOR_API_KEY": API_KEY}) as keyed:
+        keyed.start()
+        assert httpx.get(keyed.url + "/openapi.json").status_code == 401
+        browser.get(keyed.url + "/")
+        form = by_id(browser, "key-form")
+        wait(browser).until(lambda d: form.is_displayed())  # openapi.json answered 401
+        assert browser.find_element(By.CSS_SELECTOR, "label[for='api-key']").is_displayed()
+
+        # A wrong key is refused and asked for again.
+        by_id(browser, "api-key").send_keys("wrong-key")
+        by_id(browser, "key-submit").click()
+        wait(browser).until(lambda d: form.is_displayed() and "refused" in by_id(d, "key-reason").text)
+
+        by_id(browser, "api-key").send_keys(API_KEY)
+        by_id(browser, "key-submit").click()
+        wait(browser).until(lambda d: d.execute_script("return document.body.dataset.spec") == "loaded")
+        assert not form.is_displayed()
+        assert browser.execute_script("return Object.values(sessionStorage)") == [API_KEY]
+        assert browser.execute_script("return localStorage.length") == 0
+
+        load_images(browser)
+        by_id(browser, "box-text").send_keys("200,150,160,140")
+        by_id(browser, "box-add").click()
+        set_value(browser, "param-steps", "2")
+        run_and_wait(browser, "result")
+        assert_ran_over_the_event_stream(browser)
+        assert not form.is_displayed()  # asked once: the kept key went with /predict
+        assert_result(browser)
+
+
+def test_an_error_event_after_the_stream_started_is_shown(browser: WebDriver) -> None:
+    """A request that waits in the queue past the queue timeout gets an ``error`` event on its open stream."""
+    env = {**DEMO_ENV, "ANYDOOR_QUEUE_TIMEOUT_S": "1", "ANYDOOR_MAX_BATCH": "1"}
+    with ServerProcess(env) as busy, httpx.Client(base_url=busy.url, timeout=60) as client:
+        busy.start()
+        files = {name: (path.name, path.read_bytes(), "image/png") for name, path in (
+            ("reference", REFERENCE), ("background", BACKGROUND))}
+        # Another client's long generation holds the worker; its stream is closed at the end, which cancels it.
+        with client.stream("POST", "/predict", files=files, data={"steps": "40", "box": "200,150,160,140"},
+                           headers={"Accept": "text/event-stream"}) as blocker:
+            lines = blocker.iter_lines()
+            assert blocker.status_code == 200
+            while next(lines) != "event: started":
+                pass
+            open_studio(browser, busy.url + "/")
+            load_images(browser)
+            by_id(browser, "box-text").send_keys("200,150,160,140")
+            by_id(browser, "box-add").click()
+            set_value(browser, "param-steps", "2")
+            run_and_wait(browser, "error")
+        assert_ran_over_the_event_stream(browser)
+        assert "Queued: next" in log_of(browser)["text"]  # the queue position, from the queued event
+        code, field, message = shown_error(browser)
+        assert code == "queue_timeout" and message, (code, field, message)
+        assert not by_id(browser, "error-field").is_displayed()  # this error names no field
+        assert by_id(browser, "result").get_attribute("hidden")
