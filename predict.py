@@ -21,6 +21,7 @@ from typing import Any
 
 from cog import BaseRunner, Input, Path
 
+from model.imaging.placement import Placement
 from model.pipeline import INPUT_FIELDS, AnyDoorPipeline, GenerationInputs, GenerationParams, param_specs
 from model.pipeline.loader import load_pipeline
 from model.pipeline.params import boxes_of
@@ -66,11 +67,13 @@ class Predictor(BaseRunner):
 
     def run(
         self,
-        reference: Path = _input("reference"),
+        reference: list[Path] = _input("reference"),
         background: Path = _input("background"),
-        reference_mask: Path | None = _input("reference_mask"),
+        reference_mask: list[Path] | None = _input("reference_mask"),
         background_mask: Path | None = _input("background_mask"),
         box: str | None = _input("box"),
+        placement: str | None = _input("placement"),
+        placement_area: Path | None = _input("placement_area"),
         steps: int = _input("steps"),
         sampler: str = _input("sampler"),
         guidance_scale: float = _input("guidance_scale"),
@@ -89,8 +92,14 @@ class Predictor(BaseRunner):
         """Insert the object of ``reference`` into each target region of ``background``; returns a PNG."""
         values = dict(locals())
         params = GenerationParams(**{name: values[name] for name in _SPECS})
-        inputs = GenerationInputs(reference, background, reference_mask, background_mask,
-                                  boxes_of([box]) if box is not None and box.strip() else None)
+        references = list(reference) if isinstance(reference, list | tuple) else [reference]
+        masks = list(reference_mask) if isinstance(reference_mask, list | tuple) else (
+            [reference_mask] if reference_mask is not None else None)
+        inputs = GenerationInputs(
+            references[0] if len(references) == 1 else tuple(references), background,
+            None if not masks else (masks[0] if len(masks) == 1 else tuple(masks)), background_mask,
+            boxes_of([box]) if box is not None and box.strip() else None,
+            Placement.from_json(placement) if placement is not None and placement.strip() else None, placement_area)
         total = params.steps
 
         def progress(step: int, steps: int, t: int) -> None:

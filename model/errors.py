@@ -56,6 +56,9 @@ class ErrorCode(str, enum.Enum):
     MISSING_TARGET = "missing_target", "Neither a background mask nor a box was given."
     CONFLICTING_TARGET = "conflicting_target", "Both a background mask and boxes were given."
     REFINER_UNAVAILABLE = "refiner_unavailable", "`refine_reference_mask` was asked for and no refiner is configured."
+    REFERENCE_COUNT_MISMATCH = "reference_count_mismatch", ("Several references whose count differs from the "
+                                                            "regions', or reference masks whose count differs "
+                                                            "from the references'.")
     TOO_MANY_REGIONS = "too_many_regions", "More target regions (boxes, or separate regions of a mask) than the limit."
     PLACEMENT_IMPOSSIBLE = "placement_impossible", ("A `placement` whose boxes cannot all be fitted into its allowed "
                                                 "area: the area is too small for the count, no box of the "

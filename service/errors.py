@@ -46,6 +46,7 @@ HTTP_STATUS: dict[ErrorCode, tuple[int, str]] = {
     C.TOO_MANY_REGIONS: (422, "validation"),
     C.PLACEMENT_IMPOSSIBLE: (422, "validation"),
     C.REFINER_UNAVAILABLE: (422, "validation"),
+    C.REFERENCE_COUNT_MISMATCH: (422, "validation"),
     C.UNAUTHORIZED: (401, "unauthorized"),
     C.NOT_FOUND: (404, "validation"),
     C.METHOD_NOT_ALLOWED: (405, "validation"),

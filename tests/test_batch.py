@@ -24,10 +24,11 @@ import pytest
 from PIL import Image
 
 from model.cli import batch
+from model.pipeline.params import GenerationInputs
 from service.cli import main
 from tests.support.server import CASE_A, REPO, ServerProcess, free_port, metric, wait_for
 
-needs_regions = pytest.mark.skipif(not batch.supports_regions(),
+needs_regions = pytest.mark.skipif("placement" not in GenerationInputs.__dataclass_fields__,
                                    reason="per-region references and placement are not in the pipeline yet")
 SERVER_ENV = {"ANYDOOR_DEMO": "1", "ANYDOOR_DEVICE": "cpu", "ANYDOOR_WARMUP_STEPS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 FAST = {"steps": 2, "guidance_scale": 1.0}  # 2 steps, one guidance branch: the demo model's cheapest generation
@@ -209,7 +210,7 @@ def test_manifest_lines_are_validated_with_the_field_named(data: Path) -> None:
     got = {b.number: (b.error.code.value, b.error.field) for b in bad}
     assert got == {
         1: ("conflicting_target", "background_mask"), 2: ("missing_target", "box"), 3: ("invalid_parameter", "id"),
-        5: ("invalid_parameter", "id"), 6: ("invalid_box", "box"), 7: ("invalid_parameter", "reference"),
+        5: ("invalid_parameter", "id"), 6: ("invalid_box", "box"), 7: ("reference_count_mismatch", "reference"),
         8: ("missing_field", "placement"), 9: ("invalid_parameter", "placement"),
         10: ("invalid_parameter", "guidance_scale"), 11: ("invalid_parameter", None)}
     assert "also the id of line 4" in next(b for b in bad if b.number == 5).error.message

@@ -149,3 +149,48 @@ def test_refinement_needs_the_refiner_and_changes_the_mask(pipe: AnyDoorPipeline
     # The random refiner redraws the object's mask, so the object's crop for DINOv2 differs.
     assert not np.array_equal(plain.regions[0].ref_u8, fixed.regions[0].ref_u8)
     assert GenerationParams().refine_reference_mask is False
+
+
+# --- one reference per region, placement (the pipeline side; the batch tool is tests/test_batch.py) -------------
+
+
+def test_each_region_gets_its_own_reference(pipe: AnyDoorPipeline) -> None:
+    """Two boxes, two distinguishable references: region k is conditioned on reference k (its DINOv2 crop)."""
+    red = np.zeros((64, 64, 4), np.uint8)
+    red[16:48, 16:48] = (255, 0, 0, 255)
+    blue = np.zeros((64, 64, 4), np.uint8)
+    blue[8:56, 24:40] = (0, 0, 255, 255)
+    boxes = [(40, 40, 120, 120), (400, 260, 120, 160)]
+    job = pipe.prepare(*request([Image.fromarray(red), Image.fromarray(blue)], CASE_A / "background.png",
+                                boxes=boxes, seed=1))
+    first, second = (region.ref_u8.reshape(-1, 3).astype(int) for region in job.regions)
+    object_first, object_second = first[(first != 255).any(1)], second[(second != 255).any(1)]
+    assert object_first[:, 0].mean() > 200 and object_first[:, 2].mean() < 50  # red in region 1
+    assert object_second[:, 2].mean() > 200 and object_second[:, 0].mean() < 50  # blue in region 2
+    # One reference still serves every region; a count that matches neither is refused.
+    assert len(pipe.prepare(*request(Image.fromarray(red), CASE_A / "background.png", boxes=boxes)).regions) == 2
+    with pytest.raises(InputError) as info:
+        pipe.prepare(*request([Image.fromarray(red)] * 3, CASE_A / "background.png", boxes=boxes))
+    assert (info.value.field, info.value.code) == ("reference", "reference_count_mismatch")
+    with pytest.raises(InputError) as info:
+        pipe.prepare(*request([Image.fromarray(red)] * 2, CASE_A / "background.png", boxes=boxes,
+                              reference_mask=[None]))
+    assert (info.value.field, info.value.code) == ("reference_mask", "reference_count_mismatch")
+
+
+def test_placement_draws_reproducible_boxes_inside_the_area(pipe: AnyDoorPipeline) -> None:
+    from model.imaging.placement import Placement
+
+    area = np.zeros((480, 640), np.uint8)
+    area[240:, :] = 255  # the lower half: "the road"
+    placement = Placement(count=3, min_size=40, max_size=90, perspective=True, min_gap=8)
+    args = dict(placement=placement, placement_area=Image.fromarray(area), steps=1, guidance_scale=1.0, seed=9)
+    first = pipe(CASE_A / "reference.png", CASE_A / "background.png", **args)
+    again = pipe(CASE_A / "reference.png", CASE_A / "background.png", **args)
+    assert first.boxes == again.boxes and len(first.boxes) == 3 and first.to_png() == again.to_png()
+    for x, y, w, h in first.boxes:
+        assert y >= 240 and 40 <= max(w, h) <= 90
+    with pytest.raises(InputError) as info:
+        pipe(CASE_A / "reference.png", CASE_A / "background.png",
+             **{**args, "placement": Placement(count=8, min_size=200, max_size=240)})
+    assert (info.value.field, info.value.code) == ("placement", "placement_impossible")

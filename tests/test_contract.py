@@ -127,6 +127,7 @@ def test_cli_flags_are_the_spec() -> None:
     args = _generate_parser().parse_args(["--demo", "--reference", "r.png", "--background", "b.png", "--box",
                                           "1,2,30,40", "-o", "o.png", "--steps", "7", "--shape-control"])
     assert (args.steps, args.shape_control, args.box) == (7, True, [(1, 2, 30, 40)])
+    assert args.reference == [Path("r.png")]
     with pytest.raises(SystemExit):
         _generate_parser().parse_args(["--demo", "--reference", "r", "--background", "b", "-o", "o", "--steps", "0"])
 

@@ -315,3 +315,32 @@ def test_requests_are_served_concurrently_with_health_checks(server: ServerProce
     assert time.monotonic() - started < 0.5
     thread.join()
     assert result["status"] == 200
+
+
+def test_one_reference_per_box_and_placement_over_http(client: httpx.Client) -> None:
+    ref = case_a_files()["reference"]
+    files = [("reference", ref), ("reference", ref), ("background", case_a_files()["background"])]
+    ok = client.post("/predict", files=files, data={"steps": "1", "box": ["10,10,80,80", "300,200,90,90"]},
+                     headers={**AUTH, "Accept": "application/json"})
+    assert ok.status_code == 200 and ok.json()["regions"] == 2
+    assert ok.json()["boxes"] == [[10, 10, 80, 80], [300, 200, 90, 90]]
+    assert ok.headers["x-boxes"] == "10,10,80,80;300,200,90,90"
+    three = client.post("/predict", files=files + [("reference", ref)], data={"steps": "1", "box": "10,10,80,80"},
+                        headers=AUTH)
+    assert_error(three, 422, "reference_count_mismatch", "reference")
+
+    area = np.zeros((480, 640), np.uint8)
+    area[200:, :] = 255
+    buf = io.BytesIO()
+    Image.fromarray(area).save(buf, format="PNG")
+    placed = client.post(
+        "/predict", headers={**AUTH, "Accept": "application/json"},
+        files={**{k: v for k, v in case_a_files(mask=False).items()}, "placement_area": ("a.png", buf.getvalue(),
+                                                                                         "image/png")},
+        data={"steps": "1", "seed": "4", "placement": '{"count": 2, "min_size": 40, "max_size": 80, "min_gap": 5}'})
+    assert placed.status_code == 200, placed.text
+    boxes = placed.json()["boxes"]
+    assert len(boxes) == 2 and all(y >= 200 for _, y, _, _ in boxes)
+    bad = client.post("/predict", headers=AUTH, files=case_a_files(mask=False),
+                      data={"steps": "1", "placement": '{"count": 2, "min_size": 40, "max_size": 80, "x": 1}'})
+    assert_error(bad, 422, bad.json()["error"], "placement")

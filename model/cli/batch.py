@@ -47,7 +47,7 @@ import numpy as np
 
 from model.config import DTYPE_NAMES
 from model.errors import CheckpointError, ErrorCode, InputError
-from model.imaging.placement import Placement, place_boxes
+from model.imaging.placement import Placement
 from model.imaging.regions import Box
 from model.pipeline.params import PARAM_NAMES, GenerationInputs, GenerationParams
 from model.progress import ProgressBar
@@ -61,11 +61,6 @@ RESERVED_IDS = ("classes",)  # labels/classes.txt lives next to labels/<id>.txt
 CONNECTION_ERROR = "connection_error"  # the one code of a failure that no server answered (the others are ErrorCodes)
 BAD_RESPONSE = "bad_response"  # a 200 whose body is not the documented JSON answer
 BACKOFF_BASE_S, BACKOFF_CAP_S, RETRY_AFTER_CAP_S = 0.5, 30.0, 300.0
-
-
-def supports_regions() -> bool:
-    """Whether this pipeline takes one reference per region and a placement (the extended request spec)."""
-    return "placement" in getattr(GenerationInputs, "__dataclass_fields__", {})
 
 
 # --- the manifest ------------------------------------------------------------------------------------------------
@@ -175,9 +170,9 @@ def parse_line(raw: Any, number: int, base: Path) -> Line:
                          f"{given[1]}")
     references = _paths(raw["reference"], "reference", base)
     masks = _paths(raw["reference_mask"], "reference_mask", base) if "reference_mask" in raw else ()
-    if len(masks) > 1 and len(masks) != len(references):
-        raise InputError("reference_mask", ErrorCode.INVALID_PARAMETER,
-                         f"{len(masks)} masks for {len(references)} references; give one per reference")
+    if masks and len(masks) != len(references):  # as on /predict: none, or one per reference
+        raise InputError("reference_mask", ErrorCode.REFERENCE_COUNT_MISMATCH,
+                         f"{len(masks)} reference masks for {len(references)} references; give none or one for each")
     background = _path(raw["background"], "background", base)
     boxes = _boxes(raw["box"]) if "box" in raw else None
     background_mask = _path(raw["background_mask"], "background_mask", base) if "background_mask" in raw else None
@@ -198,7 +193,7 @@ def parse_line(raw: Any, number: int, base: Path) -> Line:
                 params_given)
     regions = line.regions_known()
     if len(references) > 1 and regions is not None and regions != len(references):
-        raise InputError("reference", ErrorCode.INVALID_PARAMETER,
+        raise InputError("reference", ErrorCode.REFERENCE_COUNT_MISMATCH,
                          f"{len(references)} references for {regions} regions; give one, or one per region")
     return line
 
@@ -489,38 +484,18 @@ class Report:
 # --- local mode --------------------------------------------------------------------------------------------------
 
 
-def local_inputs(line: Line, native: bool) -> tuple[GenerationInputs, GenerationParams]:
-    """The request of one line for the in-process pipeline. Without the pipeline's own placement the boxes are
-    placed here with the same algorithm, seeded the same way (from the request's seed unless the line fixes one)."""
-    refs = line.references
-    masks = line.reference_masks
-    if (len(refs) > 1 or len(masks) > 1) and not native:
-        raise InputError("reference", ErrorCode.INVALID_PARAMETER, "one reference per region needs a pipeline "
-                         "with per-region references; this one takes a single reference")
-    reference: Any = refs[0] if len(refs) == 1 else refs
-    reference_mask: Any = (masks[0] if len(masks) == 1 else masks) if masks else None
-    params = line.params
-    if line.placement is None:
-        return GenerationInputs(reference=reference, background=line.background, reference_mask=reference_mask,
-                                background_mask=line.background_mask, boxes=line.boxes), params
-    if native:
-        return GenerationInputs(reference=reference, background=line.background,  # type: ignore[call-arg]
-                                reference_mask=reference_mask, placement=line.placement,
-                                placement_area=line.placement_area), params
-    from model.imaging.decode import load_image, load_mask
-
-    params = params.with_seed(secrets.randbits(63) if params.seed is None else params.seed)
-    assert params.seed is not None and line.placement_area is not None
-    background = load_image(line.background, field="background")
-    area = load_mask(line.placement_area, field="placement_area", size=background.shape[:2])
-    boxes = place_boxes(area, line.placement, line.placement.seed_for(params.seed))
-    return GenerationInputs(reference=reference, background=background, reference_mask=reference_mask,
-                            boxes=tuple(boxes)), params
+def local_inputs(line: Line) -> GenerationInputs:
+    """The images and target of one line for the in-process pipeline (it places a placement's boxes itself)."""
+    refs, masks = line.references, line.reference_masks
+    return GenerationInputs(
+        reference=refs[0] if len(refs) == 1 else refs, background=line.background,
+        reference_mask=(masks[0] if len(masks) == 1 else masks) if masks else None,
+        background_mask=line.background_mask, boxes=line.boxes, placement=line.placement,
+        placement_area=line.placement_area)
 
 
 def run_local(pipe: Any, lines: Sequence[Line], report: Report, *, batch: int) -> None:
     """Prepare each line, and run lines with one denoising schedule together, ``batch`` jobs per pipe.run."""
-    native = supports_regions()
     pending: dict[Any, list[tuple[Line, Any]]] = {}
 
     def flush(key: Any) -> None:
@@ -551,8 +526,7 @@ def run_local(pipe: Any, lines: Sequence[Line], report: Report, *, batch: int) -
 
     for line in lines:
         try:
-            inputs, params = local_inputs(line, native)
-            job = pipe.prepare(inputs, params)
+            job = pipe.prepare(local_inputs(line), line.params)
         except InputError as exc:
             report.input_error(line, exc, line.params.seed)
             continue

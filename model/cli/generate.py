@@ -13,8 +13,16 @@ from typing import Any
 
 from model.config import DTYPE_NAMES
 from model.errors import CheckpointError, InputError
+from model.imaging.placement import Placement
 from model.imaging.regions import parse_box
-from model.pipeline.params import INPUT_FIELDS, GenerationInputs, GenerationParams, ParamSpec, param_specs
+from model.pipeline.params import (
+    INPUT_FIELDS,
+    REPEATABLE_FILES,
+    GenerationInputs,
+    GenerationParams,
+    ParamSpec,
+    param_specs,
+)
 from model.pipeline.result import timings_text
 from model.progress import ProgressBar
 
@@ -29,6 +37,13 @@ def flag(name: str) -> str:
 def _box(text: str) -> tuple[int, int, int, int]:
     try:
         return parse_box(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from exc
+
+
+def _placement(text: str) -> Placement:
+    try:
+        return Placement.from_json(text)
     except InputError as exc:
         raise argparse.ArgumentTypeError(exc.message) from exc
 
@@ -50,6 +65,11 @@ def add_spec_arguments(p: argparse.ArgumentParser) -> None:
         if f.kind == "boxes":
             p.add_argument(flag(f.name), dest="box", type=_box, action="append", metavar="X,Y,W,H",
                            help=f"{f.help} (repeatable)")
+        elif f.kind == "json":
+            p.add_argument(flag(f.name), dest=f.name, type=_placement, metavar="JSON", help=f.help)
+        elif f.name in REPEATABLE_FILES:
+            p.add_argument(flag(f.name), dest=f.name, type=Path, action="append", required=f.required,
+                           metavar="PATH", help=f"{f.help} (repeatable)")
         else:
             names = [flag(f.name)] + (["--mask"] if f.name == "background_mask" else [])
             p.add_argument(*names, dest=f.name, type=Path, required=f.required, metavar="PATH", help=f.help)
@@ -69,7 +89,10 @@ def add_spec_arguments(p: argparse.ArgumentParser) -> None:
 def spec_values(args: argparse.Namespace) -> tuple[GenerationInputs, GenerationParams]:
     params = GenerationParams(**{spec.name: getattr(args, spec.name) for spec in param_specs()})
     boxes = tuple(args.box) if args.box else None
-    return GenerationInputs(args.reference, args.background, args.reference_mask, args.background_mask, boxes), params
+    refs, masks = args.reference, args.reference_mask
+    return GenerationInputs(refs[0] if len(refs) == 1 else tuple(refs), args.background,
+                            None if not masks else (masks[0] if len(masks) == 1 else tuple(masks)),
+                            args.background_mask, boxes, args.placement, args.placement_area), params
 
 
 def register(sub: Any) -> None:

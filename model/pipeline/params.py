@@ -21,6 +21,7 @@ from typing import Any, Literal
 from model.diffusion.samplers import SAMPLERS
 from model.errors import ErrorCode, InputError
 from model.imaging.decode import ImageSource
+from model.imaging.placement import Placement
 from model.imaging.regions import Box
 
 SEED_MAX = 2**63 - 1
@@ -218,47 +219,82 @@ class InputField:
     """One image or target field of a request."""
 
     name: str
-    kind: Literal["image", "boxes"]
+    kind: Literal["image", "boxes", "json"]
     required: bool
     help: str
 
 
 INPUT_FIELDS: tuple[InputField, ...] = (
     InputField("reference", "image", True,
-               "The object: an image (PNG, JPEG, WebP, GIF, BMP). For an RGBA cut-out the alpha channel is the mask."),
+               "The object: an image (PNG, JPEG, WebP, GIF, BMP). For an RGBA cut-out the alpha channel is the mask. "
+               "Repeat it for one object per region, in region order (boxes as given; mask regions top to bottom, "
+               "then left to right)."),
     InputField("reference_mask", "image", False,
-               "The object's mask (white = object), the reference's size; needed when the reference has no alpha."),
+               "The object's mask (white = object), the reference's size; needed when the reference has no alpha. "
+               "With several references: none, or one for each."),
     InputField("background", "image", True, "The scene to insert the object into, any size; the output has its size."),
     InputField("background_mask", "image", False,
                "Where to insert (white = target), the background's size; each separate region gets the object. "
                "Give this or `box`."),
     InputField("box", "boxes", False,
                "A target box `x,y,w,h` in background pixels; several: repeat it (HTTP, CLI) or join boxes with `;`. "
-               "Give this or `background_mask`."),
+               "Give this, `background_mask` or `placement`."),
+    InputField("placement", "json", False,
+               "Instead of boxes, let the service place the objects: a JSON object `{\"count\": 3, \"min_size\": 40, "
+               "\"max_size\": 120, \"perspective\": true, \"aspect\": 1.0, \"min_gap\": 8, \"seed\": 7}` with "
+               "`placement_area`; the boxes drawn come back with the image."),
+    InputField("placement_area", "image", False,
+               "With `placement`: where objects may go (white = allowed, e.g. the road), the background's size."),
 )
 INPUT_NAMES = tuple(f.name for f in INPUT_FIELDS)
+# File fields that may be given once per region (one reference per region, each with its own mask).
+REPEATABLE_FILES = ("reference", "reference_mask")
 
 
 @dataclass(frozen=True)
 class GenerationInputs:
-    """The images and targets of one generation: paths, bytes, PIL images or arrays; boxes as ``(x, y, w, h)``."""
+    """The images and targets of one generation: paths, bytes, PIL images or arrays; boxes as ``(x, y, w, h)``.
 
-    reference: ImageSource
+    ``reference`` is one image, or one per region (a tuple, matched to the regions in order: boxes as given, mask
+    regions top to bottom then left to right); ``reference_mask`` likewise (None, or one per reference). The
+    target is exactly one of ``background_mask``, ``boxes`` or ``placement`` (with its ``placement_area``)."""
+
+    reference: ImageSource | tuple[ImageSource, ...]
     background: ImageSource
-    reference_mask: ImageSource | None = None
+    reference_mask: ImageSource | tuple[ImageSource | None, ...] | None = None
     background_mask: ImageSource | None = None
     boxes: tuple[Box, ...] | None = None
+    placement: Placement | None = None
+    placement_area: ImageSource | None = None
 
     def __post_init__(self) -> None:
         if self.boxes is not None:
             object.__setattr__(self, "boxes", tuple(self.boxes) if len(self.boxes) else None)
+        for name in ("reference", "reference_mask"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+
+    @property
+    def references(self) -> tuple[ImageSource, ...]:
+        return self.reference if isinstance(self.reference, tuple) else (self.reference,)
+
+    @property
+    def reference_masks(self) -> tuple[ImageSource | None, ...]:
+        """One mask (or None) per reference."""
+        masks = self.reference_mask
+        if isinstance(masks, tuple):
+            return masks
+        return (masks,) * len(self.references)
 
 
 def params_table() -> str:
     """The Markdown table of the request fields (images, targets and parameters), as the README shows it."""
     rows = ["| Field | Type | Default | Meaning |", "| --- | --- | --- | --- |"]
     for f in INPUT_FIELDS:
-        kind = ("file" if f.kind == "image" else "`x,y,w,h`, repeatable") + (", required" if f.required else "")
+        kind = {"image": "file", "boxes": "`x,y,w,h`, repeatable", "json": "JSON object"}[f.kind]
+        kind += ", repeatable" if f.name in REPEATABLE_FILES else ""
+        kind += ", required" if f.required else ""
         rows.append(f"| `{f.name}` | {kind} | | {f.help} |")
     for spec in param_specs():
         kind = {"int": "int", "float": "float", "bool": "bool", "choice": "one of"}[spec.kind]

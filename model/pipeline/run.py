@@ -30,6 +30,7 @@ from model.diffusion.samplers import SAMPLERS, ProgressFn
 from model.diffusion.schedule import ddim_timesteps
 from model.errors import ErrorCode, InputError
 from model.imaging.decode import DEFAULT_MAX_PIXELS, ImageSource, load_image, load_mask, load_reference
+from model.imaging.placement import Placement, place_boxes
 from model.imaging.postprocess import crop_like, paste_back
 from model.imaging.preprocess import MIN_MASK_PIXELS, PreparedInputs, bbox_from_mask, prepare_inputs
 from model.imaging.regions import box_mask, check_boxes, split_mask
@@ -98,12 +99,14 @@ class AnyDoorPipeline:
 
     def __call__(
         self,
-        reference: ImageSource,
+        reference: ImageSource | Sequence[ImageSource],
         background: ImageSource,
         *,
         background_mask: ImageSource | None = None,
         boxes: Sequence[tuple[int, int, int, int]] | None = None,
-        reference_mask: ImageSource | None = None,
+        reference_mask: ImageSource | Sequence[ImageSource | None] | None = None,
+        placement: Placement | None = None,
+        placement_area: ImageSource | None = None,
         initial_noise: torch.Tensor | None = None,
         progress: ProgressFn | None = None,
         should_cancel: CancelFn | None = None,
@@ -112,15 +115,16 @@ class AnyDoorPipeline:
     ) -> GenerationResult:
         """Insert the object of ``reference`` into every target region of ``background``: the keyword call.
 
-        Targets: ``background_mask`` (each connected region gets the object) or ``boxes`` ((x, y, w, h) each).
+        Targets: ``background_mask`` (each connected region gets the object), ``boxes`` ((x, y, w, h) each) or a
+        ``placement`` in ``placement_area``. ``reference`` (and ``reference_mask``) may be a list, one per region.
         ``params`` are :class:`GenerationParams` fields (``steps``, ``seed``, ...). ``initial_noise``
         (1 or R, 4, 64, 64) replaces the seeded noise for exact replays.
         """
         unknown = sorted(set(params) - set(PARAM_NAMES))
         if unknown:
             raise TypeError(f"unknown generation parameters {unknown}; known: {', '.join(PARAM_NAMES)}")
-        inputs = GenerationInputs(reference, background, reference_mask, background_mask,
-                                  tuple(boxes) if boxes is not None else None)
+        inputs = GenerationInputs(_tupled(reference), background, _tupled(reference_mask), background_mask,
+                                  tuple(boxes) if boxes is not None else None, placement, placement_area)
         return self.generate(inputs, GenerationParams(**params), initial_noise=initial_noise, progress=progress,
                              should_cancel=should_cancel, max_pixels=max_pixels)
 
@@ -144,14 +148,73 @@ class AnyDoorPipeline:
         if max_regions is not None and inputs.boxes is not None and len(inputs.boxes) > max_regions:
             check_boxes(inputs.boxes, (1, 1), max_regions=max_regions)  # too_many_regions, before any decoding
 
-        if (inputs.background_mask is None) == (inputs.boxes is None):
-            code = ErrorCode.MISSING_TARGET if inputs.background_mask is None else ErrorCode.CONFLICTING_TARGET
-            raise InputError("background_mask", code, "give exactly one target: a background_mask or one or more "
-                             "boxes")
+        given = [name for name, value in (("background_mask", inputs.background_mask), ("box", inputs.boxes),
+                                          ("placement", inputs.placement)) if value is not None]
+        if len(given) != 1:
+            code = ErrorCode.MISSING_TARGET if not given else ErrorCode.CONFLICTING_TARGET
+            raise InputError("placement" if "placement" in given else "background_mask", code,
+                             "give exactly one target: a background_mask, one or more boxes, or a placement"
+                             + (f" (got {' and '.join(given)})" if given else ""))
+        if inputs.placement is not None and inputs.placement_area is None:
+            raise InputError("placement_area", ErrorCode.MISSING_FIELD, "a placement needs its allowed area")
+        references, reference_masks = inputs.references, inputs.reference_masks
+        if len(reference_masks) != len(references):
+            raise InputError("reference_mask", ErrorCode.REFERENCE_COUNT_MISMATCH,
+                             f"{len(reference_masks)} reference masks for {len(references)} references: give none "
+                             "or one for each")
+        if max_regions is not None and len(references) > max_regions:
+            raise InputError("reference", ErrorCode.TOO_MANY_REGIONS,
+                             f"{len(references)} references; at most {max_regions} regions are accepted per request")
         if params.refine_reference_mask and self.mask_refiner is None:
             raise InputError("refine_reference_mask", ErrorCode.REFINER_UNAVAILABLE,
                              "this server has no mask refiner (set ANYDOOR_MASK_REFINE_WEIGHTS)")
-        ref_rgb, ref_mask = load_reference(inputs.reference, inputs.reference_mask, max_pixels=limit)
+        objects = [self._reference(ref, mask, params, limit) for ref, mask in zip(references, reference_masks,
+                                                                                   strict=True)]
+        bg = load_image(inputs.background, field="background", max_pixels=limit)
+        height, width = bg.shape[:2]
+        targets: Iterable[np.ndarray]
+        count: int
+        if inputs.background_mask is not None:
+            mask = load_mask(inputs.background_mask, field="background_mask", size=(height, width), max_pixels=limit)
+            found = split_mask(mask, max_regions=max_regions)
+            del mask
+            targets, count = found, len(found)
+        else:
+            if inputs.placement is not None:
+                assert inputs.placement_area is not None
+                area = load_mask(inputs.placement_area, field="placement_area", size=(height, width),
+                                 max_pixels=limit)
+                wanted: Sequence[tuple[int, int, int, int]] = place_boxes(
+                    area, inputs.placement, inputs.placement.seed_for(seed), max_regions=max_regions)
+                del area
+            else:
+                assert inputs.boxes is not None
+                wanted = inputs.boxes
+            checked = check_boxes(wanted, (height, width), max_regions=max_regions)
+            # One full-size mask at a time: a region keeps only its crops once prepared.
+            targets, count = (box_mask(box, (height, width)) for box in checked), len(checked)
+        if len(objects) not in (1, count):
+            raise InputError("reference", ErrorCode.REFERENCE_COUNT_MISMATCH,
+                             f"{len(objects)} references for {count} target regions: give one for all, or one per "
+                             "region (boxes in the order given, mask regions top to bottom, then left to right)")
+
+        ratios = {"reference_expand_ratio": params.reference_expand_ratio,
+                  "target_box_expand_ratio": params.target_box_expand_ratio,
+                  "crop_expand_ratio": params.crop_expand_ratio}
+        regions: list[PreparedInputs] = []
+        boxes: list[tuple[int, int, int, int]] = []
+        for index, target in enumerate(targets):
+            ref_rgb, ref_mask = objects[index if len(objects) > 1 else 0]
+            regions.append(prepare_inputs(ref_rgb, ref_mask, bg, target, shape_control=params.shape_control, **ratios))
+            boxes.append(_xywh(bbox_from_mask(target)))
+        noise = self._initial_noise(seed, len(regions), initial_noise)
+        return Job(params.with_seed(seed), freeze(bg), tuple(regions), tuple(boxes), noise,
+                   time.perf_counter() - start)
+
+    def _reference(self, reference: ImageSource, mask: ImageSource | None, params: GenerationParams,
+                   max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+        """One reference decoded (RGB, bool mask), its mask refined when the request asks for it."""
+        ref_rgb, ref_mask = load_reference(reference, mask, max_pixels=max_pixels)
         if params.refine_reference_mask:
             assert self.mask_refiner is not None
             refined = self.mask_refiner(ref_rgb, ref_mask)  # as upstream's demo: the refined mask replaces it
@@ -159,30 +222,7 @@ class AnyDoorPipeline:
                 raise InputError("reference_mask", ErrorCode.MASK_TOO_SMALL,
                                  "the refined reference mask is (nearly) empty; send it without refinement")
             ref_mask = refined
-        bg = load_image(inputs.background, field="background", max_pixels=limit)
-        height, width = bg.shape[:2]
-        targets: Iterable[np.ndarray]
-        if inputs.background_mask is not None:
-            mask = load_mask(inputs.background_mask, field="background_mask", size=(height, width), max_pixels=limit)
-            targets = split_mask(mask, max_regions=max_regions)
-            del mask
-        else:
-            assert inputs.boxes is not None
-            checked = check_boxes(inputs.boxes, (height, width), max_regions=max_regions)
-            # One full-size mask at a time: a region keeps only its crops once prepared.
-            targets = (box_mask(box, (height, width)) for box in checked)
-
-        ratios = {"reference_expand_ratio": params.reference_expand_ratio,
-                  "target_box_expand_ratio": params.target_box_expand_ratio,
-                  "crop_expand_ratio": params.crop_expand_ratio}
-        regions: list[PreparedInputs] = []
-        boxes: list[tuple[int, int, int, int]] = []
-        for target in targets:
-            regions.append(prepare_inputs(ref_rgb, ref_mask, bg, target, shape_control=params.shape_control, **ratios))
-            boxes.append(_xywh(bbox_from_mask(target)))
-        noise = self._initial_noise(seed, len(regions), initial_noise)
-        return Job(params.with_seed(seed), freeze(bg), tuple(regions), tuple(boxes), noise,
-                   time.perf_counter() - start)
+        return ref_rgb, ref_mask
 
     def _initial_noise(self, seed: int, count: int, given: torch.Tensor | None) -> torch.Tensor:
         size = self.model.config.image_size
@@ -371,6 +411,11 @@ def _row_seed(job: Job, region: int, offset: int) -> int:
 
 def _generator_noise(job: Job, region: int, offset: int, shape: torch.Size) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(_row_seed(job, region, offset)))
+
+
+def _tupled(value: Any) -> Any:
+    """A list (one item per region) as the tuple GenerationInputs holds; anything else as it is."""
+    return tuple(value) if isinstance(value, list | tuple) else value
 
 
 def _xywh(box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:

@@ -23,8 +23,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from model.errors import ErrorCode, InputError
+from model.imaging.placement import Placement
 from model.pipeline import INPUT_FIELDS, TIMING_NAMES, GenerationInputs, GenerationParams, param_specs
-from model.pipeline.params import ParamSpec, boxes_of
+from model.pipeline.params import REPEATABLE_FILES, ParamSpec, boxes_of
 from service.api.deps import get_service
 from service.api.schemas import ErrorBody, PredictResponse, Timings
 from service.errors import ServiceError, client_gone, codes_with_status, generation_failed, payload_too_large
@@ -65,6 +66,8 @@ def request_body_schema() -> dict[str, Any]:
     for f in INPUT_FIELDS:
         if f.kind == "image":
             properties[f.name] = {"type": "string", "format": "binary", "description": f.help}
+        elif f.kind == "json":
+            properties[f.name] = {"type": "string", "contentMediaType": "application/json", "description": f.help}
         else:
             properties[f.name] = {"type": "array", "items": {"type": "string", "example": "120,80,200,260"},
                                   "description": f.help}
@@ -96,6 +99,8 @@ PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
                              "schema": {"type": "string"}},
             "X-Seed": {"description": "The seed used; send it back to get the same image.",
                        "schema": {"type": "integer", "format": "int64"}},
+            "X-Boxes": {"description": "Each region's target box `x,y,w,h` in background pixels, `;`-separated, in "
+                        "region order (the boxes a `placement` drew, too).", "schema": {"type": "string"}},
             "Server-Timing": {"description": "Milliseconds per stage: " + ", ".join(TIMING_NAMES)
                               + " (`queue;dur=0.4, preprocess;dur=21.0, ...`).", "schema": {"type": "string"}},
             "X-AnyDoor-Demo": {"description": "`true` in demo mode (tiny random model).",
@@ -124,7 +129,10 @@ PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
 async def predict(request: Request) -> Response:
     service = get_service(request)
     settings = service.settings
-    form = await read_multipart(request, max_fields=settings.max_form_fields, max_part_chars=settings.max_field_chars)
+    # Files: the background and its masks, plus a reference (and its mask) per region at most.
+    max_files = len(_FILE_FIELDS) + 2 * settings.max_regions
+    form = await read_multipart(request, max_fields=settings.max_form_fields, max_part_chars=settings.max_field_chars,
+                                max_files=max_files)
     try:
         inputs, params = await read_form(form, settings.max_upload_bytes, settings.max_field_chars)
     finally:
@@ -206,7 +214,7 @@ async def _stream(request: Request, inputs: GenerationInputs, params: Generation
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
 
-async def read_multipart(request: Request, *, max_fields: int, max_part_chars: int) -> FormData:
+async def read_multipart(request: Request, *, max_fields: int, max_part_chars: int, max_files: int) -> FormData:
     """The multipart form of ``request``, with the part-count and part-size limits; a body that is not complete
     multipart (no closing delimiter: a truncated upload) is 400, never a form with its last field dropped."""
     content_type = request.headers.get("content-type", "")
@@ -216,7 +224,7 @@ async def read_multipart(request: Request, *, max_fields: int, max_part_chars: i
     try:
         # Text parts are held in memory: bound them a little above the field limit so read_form can name the
         # field; file parts are spooled to disk and bounded by the upload limit.
-        form = await request.form(max_files=len(_FILE_FIELDS), max_fields=max_fields,
+        form = await request.form(max_files=max_files, max_fields=max_fields,
                                   max_part_size=max_part_chars * 4 + 1024)
     except ClientDisconnect:
         # The client went away mid-upload (or the body deadline closed it): one log line, counted as cancelled.
@@ -228,7 +236,7 @@ async def read_multipart(request: Request, *, max_fields: int, max_part_chars: i
         detail = str(exc.detail)
         if detail.startswith(("Too many fields", "Too many files")):
             raise ServiceError(ErrorCode.TOO_MANY_FIELDS, f"{detail.rstrip('.')}; at most {max_fields} fields and "
-                               f"{len(_FILE_FIELDS)} files are accepted", field="body") from None
+                               f"{max_files} files are accepted", field="body") from None
         if detail.startswith("Part exceeded maximum size"):
             raise ServiceError(ErrorCode.FIELD_TOO_LONG, f"a text field is longer than {max_part_chars} "
                                "characters", field="body") from None
@@ -244,7 +252,7 @@ async def read_multipart(request: Request, *, max_fields: int, max_part_chars: i
 async def read_form(form: FormData, max_upload_bytes: int,
                     max_field_chars: int) -> tuple[GenerationInputs, GenerationParams]:
     """The request's inputs and parameters from its multipart form, strictly."""
-    files: dict[str, bytes] = {}
+    files: dict[str, list[bytes]] = {}
     boxes: list[str] = []
     texts: dict[str, str] = {}
     for name, value in form.multi_items():
@@ -255,11 +263,11 @@ async def read_form(form: FormData, max_upload_bytes: int,
         if name in _FILE_FIELDS:
             if not isinstance(value, UploadFile):
                 raise _invalid(name, ErrorCode.INVALID_PARAMETER, "must be a file upload (a part with a filename)")
-            if name in files:
+            if name in files and name not in REPEATABLE_FILES:
                 raise _invalid(name, ErrorCode.INVALID_PARAMETER, "was given more than once")
             data = await _read_upload(name, value, max_upload_bytes)
             if data is not None:
-                files[name] = data
+                files.setdefault(name, []).append(data)
             continue
         if isinstance(value, UploadFile):
             raise _invalid(name, ErrorCode.INVALID_PARAMETER, "must be a text field, not a file")
@@ -275,10 +283,21 @@ async def read_form(form: FormData, max_upload_bytes: int,
     for f in INPUT_FIELDS:
         if f.required and f.name not in files:
             raise _invalid(f.name, ErrorCode.MISSING_FIELD, "is required")
+    placement_text = texts.pop("placement", None)
     try:
         params = GenerationParams.from_text(texts)
-        inputs = GenerationInputs(files["reference"], files["background"], files.get("reference_mask"),
-                                  files.get("background_mask"), boxes_of(boxes) if boxes else None)
+        references = files["reference"]
+        masks = files.get("reference_mask")
+        if masks is not None and len(masks) != len(references):
+            raise InputError("reference_mask", ErrorCode.REFERENCE_COUNT_MISMATCH,
+                             f"{len(masks)} reference masks for {len(references)} references: give none or one for "
+                             "each")
+        inputs = GenerationInputs(
+            references[0] if len(references) == 1 else tuple(references), files["background"][0],
+            None if masks is None else (masks[0] if len(masks) == 1 else tuple(masks)),
+            files.get("background_mask", [None])[0], boxes_of(boxes) if boxes else None,
+            Placement.from_json(placement_text) if placement_text is not None else None,
+            files.get("placement_area", [None])[0])
     except InputError as exc:
         raise ServiceError.from_input_error(exc) from None
     return inputs, params
@@ -323,6 +342,7 @@ def wants_json(accept: str) -> bool:
 
 def _reply(prediction: Prediction, request_id: str, accept: str) -> Response:
     headers = {"X-Seed": str(prediction.seed), "Server-Timing": prediction.server_timing(),
+               "X-Boxes": ";".join(",".join(map(str, box)) for box in prediction.boxes),
                "Cache-Control": "no-store", "Vary": "Accept"}
     if prediction.demo:
         headers["X-AnyDoor-Demo"] = "true"
