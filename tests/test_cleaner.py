@@ -188,7 +188,7 @@ def test_placement_draws_reproducible_boxes_inside_the_area(pipe: AnyDoorPipelin
     first = pipe(CASE_A / "reference.png", CASE_A / "background.png", **args)
     again = pipe(CASE_A / "reference.png", CASE_A / "background.png", **args)
     assert first.boxes == again.boxes and len(first.boxes) == 3 and first.to_png() == again.to_png()
-    for x, y, w, h in first.boxes:
+    for _, y, w, h in first.boxes:
         assert y >= 240 and 40 <= max(w, h) <= 90
     with pytest.raises(InputError) as info:
         pipe(CASE_A / "reference.png", CASE_A / "background.png",
