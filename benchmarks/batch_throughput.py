@@ -67,8 +67,9 @@ def batch(pipe: AnyDoorPipeline, params: GenerationParams, images: int, folder: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights", default=str(CASE_A / "model.safetensors"))
-    parser.add_argument("--config", default=str(CASE_A / "model.yaml"))
+    parser.add_argument("--weights", default=str(CASE_A / "model.safetensors"),
+                        help="weights file (default: the tiny reference model of the test fixtures)")
+    parser.add_argument("--config", help="model config for --weights (default: the tiny model's, else released)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--images", type=int, default=8)
@@ -78,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="default: benchmarks/results/<device>-batch_throughput.json")
     args = parser.parse_args(argv)
 
-    pipe = AnyDoorPipeline.from_pretrained(args.weights, config=args.config, device=args.device, dtype=args.dtype)
+    tiny = Path(args.weights) == CASE_A / "model.safetensors"
+    config = args.config or (str(CASE_A / "model.yaml") if tiny else None)
+    pipe = AnyDoorPipeline.from_pretrained(args.weights, config=config, device=args.device, dtype=args.dtype)
     params = GenerationParams(steps=args.steps)
     pipe.generate(GenerationInputs(CASE_A / "reference.png", CASE_A / "background.png",
                                    background_mask=CASE_A / "background_mask.png"), params.with_seed(0))  # warm-up
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     rate = {mode: args.images / median(seconds) for mode, seconds in runs.items()}
     gain = rate["batch"] / rate["loop"]
     device = pipe.device
-    model = "tiny reference model" if Path(args.weights) == CASE_A / "model.safetensors" else Path(args.weights).name
+    model = "tiny reference model" if tiny else Path(args.weights).name
     print(f"batch_throughput: loop of generate {rate['loop']:.3f} images/s, anydoor batch --batch {args.batch} "
           f"{rate['batch']:.3f} images/s, gain {gain:.2f}x ({args.images} images x {args.repeats}, {args.steps} "
           f"steps, {model}, {device}, {torch.get_num_threads()} threads)")

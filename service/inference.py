@@ -35,7 +35,7 @@ log = logging.getLogger("anydoor.service")
 # Decoding and preprocessing run in threads beside the GPU worker; more at once than this only adds contention.
 CPU_CONCURRENCY = 4
 # After a request with more upload bytes than this, free heap pages are handed back to the OS.
-LARGE_REQUEST_BYTES = 1 << 20
+LARGE_REQUEST_BYTES = 256 << 10
 
 
 def _malloc_trim() -> Callable[[int], int] | None:

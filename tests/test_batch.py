@@ -295,8 +295,12 @@ class FakeServer:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
                     f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode() + body)
-                parts = [(p.get_param("name", header="content-disposition"), p.get_filename(),
-                          p.get_payload(decode=True)) for p in message.iter_parts()]
+                parts: list[tuple[str, str | None, bytes]] = []
+                for part in message.iter_parts():
+                    payload = part.get_payload(decode=True)
+                    assert isinstance(payload, bytes)
+                    parts.append((str(part.get_param("name", header="content-disposition")), part.get_filename(),
+                                  payload))
                 texts = {name: data.decode() for name, filename, data in parts if filename is None}
                 with fake.lock:
                     seed = texts.get("seed", "")

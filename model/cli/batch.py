@@ -91,7 +91,7 @@ class Line:
     def classes(self, regions: int) -> list[str]:
         """The category of each region: the stem of its reference (one reference serves all regions)."""
         stems = [path.stem for path in self.references]
-        return [stems[min(i, len(stems) - 1)] if len(stems) > 1 else stems[0] for i in range(regions)]
+        return [stems[min(i, len(stems) - 1)] for i in range(regions)]
 
 
 @dataclass(frozen=True)
@@ -387,7 +387,8 @@ class Outputs:
         # the manifest no longer has are not part of this dataset.
         numbers = self.manifest_lines
         done = sorted((numbers[i], i, r) for i, r in self.records.items() if r.get("status") == "ok" and i in numbers)
-        images, annotations = [], []
+        images: list[dict[str, Any]] = []
+        annotations: list[dict[str, Any]] = []
         for number, line_id, record in done:
             images.append({"id": number, "file_name": f"{line_id}.png", "width": record["width"],
                            "height": record["height"]})
@@ -443,7 +444,6 @@ class Report:
         self.ok = self.failed = 0
         self.bar = ProgressBar("batch", not quiet, unit="images")
         self.lock = threading.Lock()
-        self.start = time.monotonic()
         self.bar.begin(skipped, total)
 
     def start_clock(self) -> None:
