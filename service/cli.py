@@ -1,9 +1,10 @@
 """The ``anydoor`` command line, and ``anydoor serve`` (also ``python -m service``): the HTTP service under uvicorn.
 
 This is the top of the import graph, the one module that assembles both sides: the model-side subcommands
-(``generate``, ``weights``, from :mod:`model.cli`) and ``serve``, registered explicitly in :func:`build_parser`.
+(``generate``, ``batch``, ``weights``, from :mod:`model.cli`) and ``serve``, registered explicitly in
+:func:`build_parser`.
 
-Every flag is generated from :class:`service.config.Settings`, whose fields also name the environment variable
+Every ``serve`` flag is generated from :class:`service.settings.Settings`, whose fields also name the environment variable
 each flag overrides; ``--help`` shows both. Secrets (the API key) are read from the environment only.
 """
 
@@ -157,7 +158,7 @@ def _signals_exit_cleanly(server: Any) -> Iterator[None]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The whole ``anydoor`` parser: ``generate``, ``weights convert|download``, ``serve``, in --help order."""
+    """The whole ``anydoor`` parser: ``generate``, ``batch``, ``weights convert|download``, ``serve``."""
     parser = argparse.ArgumentParser(
         prog="anydoor",
         description="AnyDoor Serve: zero-shot object insertion (generate, convert/download weights, serve HTTP).",
