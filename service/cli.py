@@ -4,8 +4,8 @@ This is the top of the import graph, the one module that assembles both sides: t
 (``generate``, ``batch``, ``weights``, from :mod:`model.cli`) and ``serve``, registered explicitly in
 :func:`build_parser`.
 
-Every ``serve`` flag is generated from :class:`service.settings.Settings`, whose fields also name the environment variable
-each flag overrides; ``--help`` shows both. Secrets (the API key) are read from the environment only.
+Every ``serve`` flag is generated from :class:`service.settings.Settings`, whose fields also name the environment
+variable each flag overrides; ``--help`` shows both. Secrets (the API key) are read from the environment only.
 """
 
 from __future__ import annotations
