@@ -143,6 +143,7 @@ def check_matches_results(out: Path, coco: dict[str, Any]) -> None:
 # --- local mode ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_local_batch_writes_a_labelled_dataset_and_resumes(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
     manifest = write_manifest(data, [
         line(id="two-boxes", box=[[40, 60, 120, 100], [300, 200, 150, 150]], seed=1),
@@ -258,6 +259,7 @@ def test_killed_mid_run_resumes_without_redoing_finished_lines(data: Path) -> No
 
 
 @needs_regions
+@pytest.mark.slow
 def test_local_per_region_references_and_placement(data: Path) -> None:
     manifest = write_manifest(data, [
         line(id="two", reference=["reference.png", "bottle.png"], box=[[40, 60, 120, 100], [300, 200, 150, 150]]),

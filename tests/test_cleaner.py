@@ -56,6 +56,7 @@ def _outside_region(pipe: AnyDoorPipeline, background: np.ndarray, mask: np.ndar
     return select & ~grown, prepared
 
 
+@pytest.mark.slow
 def test_keep_background_brings_the_scene_back_up_to_the_vae_round_trip(
         pipe: AnyDoorPipeline, scene: tuple[np.ndarray, np.ndarray]) -> None:
     background, mask = scene
@@ -94,6 +95,7 @@ def test_the_last_step_lands_on_the_background_latent_outside_the_region(
     assert outside.sum() > 100 and torch.equal(out[outside.expand_as(out)], z_bg[outside.expand_as(z_bg)])
 
 
+@pytest.mark.slow
 def test_keep_background_in_a_batch_equals_alone(pipe: AnyDoorPipeline, scene: tuple[np.ndarray, np.ndarray]) -> None:
     background, mask = scene
     settings = [dict(keep_background=True, blend_start=0.5, seed=1), dict(keep_background=False, seed=2)]
@@ -105,6 +107,7 @@ def test_keep_background_in_a_batch_equals_alone(pipe: AnyDoorPipeline, scene: t
         assert np.abs(a - b).max() <= 1
 
 
+@pytest.mark.slow
 def test_feather_keeps_outside_the_box_and_blends_monotonically(pipe: AnyDoorPipeline,
                                                                 scene: tuple[np.ndarray, np.ndarray]) -> None:
     background, mask = scene
@@ -125,6 +128,7 @@ def test_feather_keeps_outside_the_box_and_blends_monotonically(pipe: AnyDoorPip
     assert np.all(np.diff(row[: (tx2 - tx1) // 2]) >= 0) and row[0] < 0.1 and row[12] == 1.0
 
 
+@pytest.mark.slow
 def test_harmonize_is_reproducible_and_zero_is_off(pipe: AnyDoorPipeline,
                                                    scene: tuple[np.ndarray, np.ndarray]) -> None:
     background, mask = scene
@@ -178,6 +182,7 @@ def test_each_region_gets_its_own_reference(pipe: AnyDoorPipeline) -> None:
     assert (info.value.field, info.value.code) == ("reference_mask", "reference_count_mismatch")
 
 
+@pytest.mark.slow
 def test_placement_draws_reproducible_boxes_inside_the_area(pipe: AnyDoorPipeline) -> None:
     from model.imaging.placement import Placement
 

@@ -53,6 +53,7 @@ def test_reference_case_output(case: Case) -> None:
     assert abs(result.timings["total"] - sum(v for k, v in result.timings.items() if k != "total")) < 1e-6
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_other_seed_differs(pipe: AnyDoorPipeline) -> None:
     a = _run(pipe, seed=7).to_png()
     b = _run(pipe, seed=7).to_png()
@@ -102,6 +103,7 @@ def test_two_boxes(pipe: AnyDoorPipeline) -> None:
     _check_regions(pipe, boxes=[(30, 40, 120, 100), (400, 280, 160, 150)])
 
 
+@pytest.mark.slow
 def test_batched_jobs_equal_single_runs(pipe: AnyDoorPipeline) -> None:
     """Two requests with different seeds, guidance and control run as one batch give their solo images."""
     settings = [dict(seed=1, guidance_scale=4.5, control_strength=1.0), dict(seed=2, guidance_scale=2.0,
@@ -114,6 +116,7 @@ def test_batched_jobs_equal_single_runs(pipe: AnyDoorPipeline) -> None:
         assert np.abs(a - b).max() <= 1
 
 
+@pytest.mark.slow
 def test_guidance_one_and_control_zero_change_the_image(pipe: AnyDoorPipeline) -> None:
     base = np.asarray(_run(pipe, seed=5).image)
     assert not np.array_equal(base, np.asarray(_run(pipe, seed=5, guidance_scale=1.0).image))

@@ -145,6 +145,7 @@ def _generate(pipe: AnyDoorPipeline, **kwargs):  # type: ignore[no-untyped-def]
     return pipe(**args)
 
 
+@pytest.mark.slow
 def test_pipeline_dpmpp_end_to_end(pipe: AnyDoorPipeline) -> None:
     seen: list[tuple[int, int, int]] = []
     result = _generate(pipe, progress=lambda *a: seen.append(a))

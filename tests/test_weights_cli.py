@@ -184,3 +184,17 @@ def test_download_requires_a_checksum(capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SystemExit):
         anydoor("weights", "download", "http://127.0.0.1:9/w.safetensors")
     assert "--sha256" in capsys.readouterr().err
+
+
+def test_convert_refiner_writes_a_loadable_safetensors(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from model.nn.mask_refine import MaskRefiner
+
+    source = Path(__file__).parent / "fixtures" / "reference" / "mask_refine_a" / "mask_refine.safetensors"
+    pth = tmp_path / "coarse_mask_refine.pth"
+    torch.save({"state_dict": load_file(source)}, pth)
+    assert anydoor("weights", "convert-refiner", str(pth), str(tmp_path / "r.safetensors")) == 0
+    assert MaskRefiner.from_checkpoint(tmp_path / "r.safetensors", device="cpu") is not None
+    assert anydoor("weights", "convert-refiner", str(tmp_path / "nope.pth"), str(tmp_path / "x.safetensors")) == 1

@@ -52,6 +52,17 @@ def register(subparsers: Any) -> None:
     convert.add_argument("--quiet", action="store_true", help="no progress output")
     convert.set_defaults(func=_convert)
 
+    refiner = sub.add_parser(
+        "convert-refiner",
+        help="convert upstream's coarse_mask_refine.pth (the reference-mask refiner) to safetensors",
+        description="Read upstream's reference-mask refiner checkpoint (a torch pickle {'state_dict': ...}, loaded "
+        "safely and strictly) and write its weights, same keys, to a .safetensors file for "
+        "ANYDOOR_MASK_REFINE_WEIGHTS.",
+    )
+    refiner.add_argument("src", metavar="IN", type=Path, help="coarse_mask_refine.pth (or a .safetensors)")
+    refiner.add_argument("dst", metavar="OUT", type=Path, help="the .safetensors file to write")
+    refiner.set_defaults(func=_convert_refiner)
+
     fetch = sub.add_parser(
         "download",
         help="download weights with progress, resume and SHA-256 check",
@@ -112,6 +123,19 @@ def _convert(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     print(dst)
+    return 0
+
+
+def _convert_refiner(args: argparse.Namespace) -> int:
+    from model.errors import CheckpointError
+    from model.nn.mask_refine import convert_mask_refiner
+
+    try:
+        out = convert_mask_refiner(args.src, args.dst)
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+        return _fail("convert-refiner", str(exc))
+    print(f"wrote {out} (sha256 {file_sha256(out)})", file=sys.stderr)
+    print(out)
     return 0
 
 
