@@ -106,6 +106,26 @@ class Slot:
                 self._owner.value -= 1
 
 
+class UploadSlot:
+    """One request's hold on the upload semaphore: :meth:`acquire` once, :meth:`release` idempotently."""
+
+    def __init__(self, semaphore: asyncio.Semaphore) -> None:
+        self._semaphore = semaphore
+        self._held = False
+        self._done = False
+
+    async def acquire(self) -> None:
+        if not self._held and not self._done:
+            await self._semaphore.acquire()
+            self._held = True
+
+    def release(self) -> None:
+        self._done = True  # a body that is complete (or abandoned) never takes a slot again
+        if self._held:
+            self._held = False
+            self._semaphore.release()
+
+
 class BoundedCount:
     """A count with a limit, shared by the event loop and the worker thread."""
 
@@ -139,7 +159,7 @@ class InferenceService:
         # Requests admitted and not yet started on the GPU: uploading, preprocessing or queued. Counting them from
         # the moment their headers arrive is what lets 429 come before an upload is read.
         self.pending = BoundedCount(settings.max_queue)
-        self.uploads = BoundedCount(settings.max_uploads)  # request bodies being read right now
+        self._uploads: asyncio.Semaphore | None = None  # request bodies read at once (made on the event loop)
         self._limiter: anyio.CapacityLimiter | None = None
         metrics.queue_depth.set_function(lambda: self.worker.queue_depth)
         metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
@@ -216,9 +236,13 @@ class InferenceService:
         on the GPU or the request ends, whichever comes first."""
         return self.pending.take()
 
-    def begin_upload(self) -> Slot | None:
-        """A place among the bodies being read (None when there is none); released when the body is read."""
-        return self.uploads.take()
+    def upload_slot(self) -> UploadSlot:
+        """A place among the request bodies being read, taken on the first read and released when the body is
+        complete: beyond ``max_uploads`` a body waits unread (TCP backpressure keeps it in the client's socket),
+        so concurrent uploads hold bounded memory and disk while a burst within the queue is not refused."""
+        if self._uploads is None:
+            self._uploads = asyncio.Semaphore(self.settings.max_uploads)
+        return UploadSlot(self._uploads)
 
     # --- one request ----------------------------------------------------------------------------------------
 

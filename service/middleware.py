@@ -140,13 +140,7 @@ class AdmissionGate:
                 scope, receive, send)
             return
         scope[TICKET_KEY] = ticket
-        upload = self.service.begin_upload()
-        if upload is None:
-            ticket.release()
-            scope[ROUTE_KEY] = PREDICT
-            await error_response(self.service.overloaded(), request_id_of(scope), self.service.metrics)(
-                scope, receive, send)
-            return
+        upload = self.service.upload_slot()  # taken when the body is first read: a bounded number read at once
         limit = self.service.settings.max_body_bytes
         closing = _closing_delimiter(headers.get("content-type", ""))
         received = 0
@@ -155,6 +149,7 @@ class AdmissionGate:
 
         async def counted_receive() -> Message:
             nonlocal received, tail
+            await upload.acquire()  # no-op once held; waits (the client's bytes stay in its socket) when all are
             message = await receive()
             if message["type"] == "http.request":
                 chunk = message.get("body", b"")

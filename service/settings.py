@@ -143,9 +143,9 @@ class Settings:
         4096, "ANYDOOR_MAX_FIELD_CHARS", "Longest text field (a parameter, the boxes) in characters.", _int,
         flag="--max-field-chars", metavar="N", limit=ErrorCode.FIELD_TOO_LONG)
     max_uploads: int = _setting(
-        4, "ANYDOOR_MAX_UPLOADS", "Request bodies read at the same time; one more gets 429 before its body is read, so "
-        "concurrent uploads hold at most this many bodies in memory or on disk.", _int, flag="--max-uploads",
-        metavar="N", limit=ErrorCode.OVERLOADED)
+        4, "ANYDOOR_MAX_UPLOADS", "Request bodies read at the same time; more wait unread (TCP backpressure keeps "
+        "their bytes in the clients' sockets), so concurrent uploads hold at most this many bodies in memory or on "
+        "disk while a burst within ANYDOOR_MAX_QUEUE is still served.", _int, flag="--max-uploads", metavar="N")
     api_key: str | None = _setting(
         None, "ANYDOOR_API_KEY", "When set, every route but the health checks and /metrics requires "
         "`Authorization: Bearer <key>` (401 otherwise), under any path prefix. Environment only, so the key never "
