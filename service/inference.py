@@ -265,7 +265,8 @@ class InferenceService:
             uploaded = sum(len(v) for v in (inputs.reference, inputs.background, inputs.reference_mask,
                                             inputs.background_mask) if isinstance(v, bytes | bytearray))
             if uploaded > LARGE_REQUEST_BYTES:
-                release_free_memory()  # a few milliseconds: the uploads and arrays are garbage by now
+                # The uploads and arrays are garbage by now; trimming walks the heap, so not on the event loop.
+                asyncio.get_running_loop().run_in_executor(None, release_free_memory)
 
     async def prepare(self, inputs: GenerationInputs, params: GenerationParams) -> PreparedRequest:
         """Decode and preprocess on a CPU thread; bad input raises its 4xx here, before anything is queued."""
