@@ -92,12 +92,8 @@ class Predictor(BaseRunner):
         """Insert the object of ``reference`` into each target region of ``background``; returns a PNG."""
         values = dict(locals())
         params = GenerationParams(**{name: values[name] for name in _SPECS})
-        references = list(reference) if isinstance(reference, list | tuple) else [reference]
-        masks = list(reference_mask) if isinstance(reference_mask, list | tuple) else (
-            [reference_mask] if reference_mask is not None else None)
         inputs = GenerationInputs(
-            references[0] if len(references) == 1 else tuple(references), background,
-            None if not masks else (masks[0] if len(masks) == 1 else tuple(masks)), background_mask,
+            reference, background, reference_mask, background_mask,  # lists: normalised by GenerationInputs
             boxes_of([box]) if box is not None and box.strip() else None,
             Placement.from_json(placement) if placement is not None and placement.strip() else None, placement_area)
         total = params.steps

@@ -209,10 +209,6 @@ class GpuWorker:
                     return index + 1
         return None
 
-    @property
-    def queue_full(self) -> bool:
-        return len(self._queue) >= self.max_queue
-
     def retry_after_s(self, waiting: int | None = None) -> int:
         """A ``Retry-After`` hint: when the worker should be able to take one more request.
 

@@ -486,10 +486,8 @@ class Report:
 
 def local_inputs(line: Line) -> GenerationInputs:
     """The images and target of one line for the in-process pipeline (it places a placement's boxes itself)."""
-    refs, masks = line.references, line.reference_masks
     return GenerationInputs(
-        reference=refs[0] if len(refs) == 1 else refs, background=line.background,
-        reference_mask=(masks[0] if len(masks) == 1 else masks) if masks else None,
+        reference=line.references, background=line.background, reference_mask=line.reference_masks,
         background_mask=line.background_mask, boxes=line.boxes, placement=line.placement,
         placement_area=line.placement_area)
 

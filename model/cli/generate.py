@@ -89,10 +89,8 @@ def add_spec_arguments(p: argparse.ArgumentParser) -> None:
 def spec_values(args: argparse.Namespace) -> tuple[GenerationInputs, GenerationParams]:
     params = GenerationParams(**{spec.name: getattr(args, spec.name) for spec in param_specs()})
     boxes = tuple(args.box) if args.box else None
-    refs, masks = args.reference, args.reference_mask
-    return GenerationInputs(refs[0] if len(refs) == 1 else tuple(refs), args.background,
-                            None if not masks else (masks[0] if len(masks) == 1 else tuple(masks)),
-                            args.background_mask, boxes, args.placement, args.placement_area), params
+    return GenerationInputs(args.reference, args.background, args.reference_mask, args.background_mask, boxes,
+                            args.placement, args.placement_area), params
 
 
 def register(sub: Any) -> None:

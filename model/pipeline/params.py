@@ -246,7 +246,6 @@ INPUT_FIELDS: tuple[InputField, ...] = (
     InputField("placement_area", "image", False,
                "With `placement`: where objects may go (white = allowed, e.g. the road), the background's size."),
 )
-INPUT_NAMES = tuple(f.name for f in INPUT_FIELDS)
 # File fields that may be given once per region (one reference per region, each with its own mask).
 REPEATABLE_FILES = ("reference", "reference_mask")
 
@@ -268,12 +267,15 @@ class GenerationInputs:
     placement_area: ImageSource | None = None
 
     def __post_init__(self) -> None:
+        # Every surface hands over lists as they arrive (repeated fields, flags, Cog lists): normalised here once.
         if self.boxes is not None:
             object.__setattr__(self, "boxes", tuple(self.boxes) if len(self.boxes) else None)
-        for name in ("reference", "reference_mask"):
-            value = getattr(self, name)
-            if isinstance(value, list):
-                object.__setattr__(self, name, tuple(value))
+        if isinstance(self.reference, list | tuple):
+            refs = tuple(self.reference)
+            object.__setattr__(self, "reference", refs[0] if len(refs) == 1 else refs)
+        if isinstance(self.reference_mask, list | tuple):
+            # Kept as a sequence, never collapsed: its count is checked against the references'.
+            object.__setattr__(self, "reference_mask", tuple(self.reference_mask) or None)
 
     @property
     def references(self) -> tuple[ImageSource, ...]:
@@ -304,12 +306,6 @@ def params_table() -> str:
         default = "random" if spec.default is None else f"`{shown}`"
         rows.append(f"| `{spec.name}` | {type_text} | {default} | {spec.help} |")
     return "\n".join(rows) + "\n"
-
-
-def split_params(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``values`` split into (generation parameters, everything else)."""
-    params = {k: v for k, v in values.items() if k in PARAM_NAMES}
-    return params, {k: v for k, v in values.items() if k not in PARAM_NAMES}
 
 
 def boxes_of(values: Sequence[str]) -> tuple[Box, ...]:

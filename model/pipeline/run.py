@@ -123,7 +123,7 @@ class AnyDoorPipeline:
         unknown = sorted(set(params) - set(PARAM_NAMES))
         if unknown:
             raise TypeError(f"unknown generation parameters {unknown}; known: {', '.join(PARAM_NAMES)}")
-        inputs = GenerationInputs(_tupled(reference), background, _tupled(reference_mask), background_mask,
+        inputs = GenerationInputs(reference, background, reference_mask, background_mask,  # type: ignore[arg-type]
                                   tuple(boxes) if boxes is not None else None, placement, placement_area)
         return self.generate(inputs, GenerationParams(**params), initial_noise=initial_noise, progress=progress,
                              should_cancel=should_cancel, max_pixels=max_pixels)
@@ -411,11 +411,6 @@ def _row_seed(job: Job, region: int, offset: int) -> int:
 
 def _generator_noise(job: Job, region: int, offset: int, shape: torch.Size) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(_row_seed(job, region, offset)))
-
-
-def _tupled(value: Any) -> Any:
-    """A list (one item per region) as the tuple GenerationInputs holds; anything else as it is."""
-    return tuple(value) if isinstance(value, list | tuple) else value
 
 
 def _xywh(box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:

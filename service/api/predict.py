@@ -286,15 +286,9 @@ async def read_form(form: FormData, max_upload_bytes: int,
     placement_text = texts.pop("placement", None)
     try:
         params = GenerationParams.from_text(texts)
-        references = files["reference"]
-        masks = files.get("reference_mask")
-        if masks is not None and len(masks) != len(references):
-            raise InputError("reference_mask", ErrorCode.REFERENCE_COUNT_MISMATCH,
-                             f"{len(masks)} reference masks for {len(references)} references: give none or one for "
-                             "each")
         inputs = GenerationInputs(
-            references[0] if len(references) == 1 else tuple(references), files["background"][0],
-            None if masks is None else (masks[0] if len(masks) == 1 else tuple(masks)),
+            tuple(files["reference"]), files["background"][0],
+            tuple(files["reference_mask"]) if "reference_mask" in files else None,  # counts: checked by the pipeline
             files.get("background_mask", [None])[0], boxes_of(boxes) if boxes else None,
             Placement.from_json(placement_text) if placement_text is not None else None,
             files.get("placement_area", [None])[0])
