@@ -203,27 +203,26 @@ def test_compile_is_opt_in_in_place_and_keeps_the_keys() -> None:
     assert set(model.state_dict()) == set(plain.model.state_dict())  # type: ignore[attr-defined]
 
 
-# The PNG bytes (and pixels) of two requests as the pipeline gave them before the request-contract redesign: a
-# refactor of the pipeline must not change a single byte. (PNG bytes also depend on Pillow's zlib; the pixel
-# digest is the stricter half.)
+# The images of two requests as the pipeline gave them before the request-contract redesign (re-recorded on
+# 2026-12-06 from 1ac0cc7, whose code they came from): a refactor must not change them. CPU float sums depend on
+# the thread count and the instruction set (1 vs 2 threads: a few pixels one level apart), so another machine may
+# differ by that much and no more; on the machine that recorded them the pixels are identical.
 PINNED = [
-    (dict(background_mask="background_mask.png"),
-     "6d565e08a0bee6ec175b6136df9588fe9e5a8cb5a3752c02f7d0822b28b6d417",
-     "5a09b1b1d0337a0d7a7be2f0d53dd0fc49158b25fa6417fcbba8c8f4b0d5fd87"),
-    (dict(boxes=[(10, 20, 60, 50), (100, 40, 50, 60)], guidance_scale=1.0, sampler="dpmpp_2m"),
-     "551ea84f73339d4f113d309c4a0b985ba9c3bff4ad8783087edc3d84c78608ee",
-     "cf880a2d959fbb14580b521fbceba20251112aba9ee514a838d74140d406b277"),
+    ("seed1234_target0.png", dict(background_mask="background_mask.png")),
+    ("seed1234_target1.png", dict(boxes=[(10, 20, 60, 50), (100, 40, 50, 60)], guidance_scale=1.0,
+                                  sampler="dpmpp_2m")),
 ]
+PINNED_DIR = Path(__file__).parent / "fixtures" / "pinned"
 
 
-@pytest.mark.parametrize(("target", "png_sha", "pixels_sha"), PINNED)
-def test_same_seed_same_bytes_as_before_the_redesign(pipe: AnyDoorPipeline, target: dict, png_sha: str,
-                                                     pixels_sha: str) -> None:
-    import hashlib
-
+@pytest.mark.parametrize(("pinned", "target"), PINNED)
+def test_same_seed_same_image_as_before_the_redesign(pipe: AnyDoorPipeline, pinned: str, target: dict) -> None:
     if "background_mask" in target:
         target = {"background_mask": CASE_A / target["background_mask"]}
     result = pipe(CASE_A / "reference.png", CASE_A / "background.png", steps=3, seed=1234, **target)
-    pixels = np.asarray(result.image)
-    assert hashlib.sha256(pixels.tobytes()).hexdigest() == pixels_sha
-    assert hashlib.sha256(result.to_png()).hexdigest() == png_sha
+    got = np.asarray(result.image).astype(np.int16)
+    expected = np.asarray(Image.open(PINNED_DIR / pinned).convert("RGB")).astype(np.int16)
+    assert got.shape == expected.shape
+    diff = np.abs(got - expected)
+    assert diff.max() <= 1
+    assert (diff > 0).mean() < 1e-3
