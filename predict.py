@@ -1,6 +1,6 @@
 """Cog predictor for AnyDoor: the same pipeline as the HTTP service's ``POST /predict``, with the same inputs.
 
-Its inputs are generated from the request spec (:mod:`model.pipeline.params`): each ``Input`` below is built by
+Its inputs are generated from the request spec (:mod:`model.spec`): each ``Input`` below is built by
 :func:`_input` from the spec's field of the same name (Cog reads the names and types from this literal signature;
 a test checks that they are exactly the spec's). Configured exactly like the service, by
 :class:`service.settings.Settings` read from the environment:
@@ -21,12 +21,14 @@ from typing import Any
 
 from cog import BaseRunner, Input, Path
 
-from model.imaging.placement import Placement
-from model.pipeline import INPUT_FIELDS, AnyDoorPipeline, GenerationInputs, GenerationParams, param_specs
 from model.pipeline.loader import load_pipeline
-from model.pipeline.params import boxes_of
 from model.pipeline.result import timings_text
+from model.pipeline.run import AnyDoorPipeline
 from model.pipeline.warmup import warmup_request
+from model.spec.codecs import Wire, decode_request
+from model.spec.files import LocalFiles
+from model.spec.inputs import INPUT_FIELDS
+from model.spec.params import param_specs
 from service.settings import Settings
 
 _SPECS = {spec.name: spec for spec in param_specs()}
@@ -56,10 +58,7 @@ class Predictor(BaseRunner):
         configured = any(os.environ.get(name, "").strip() for name in ("ANYDOOR_WEIGHTS", "ANYDOOR_DEMO"))
         settings = Settings.from_env(weights=None if configured or not weights else str(weights))
         self.settings = settings
-        self.pipe: AnyDoorPipeline = load_pipeline(
-            settings.weights, demo=settings.demo, config=settings.config, device=settings.device,
-            dtype=settings.dtype, sha256=settings.weights_sha256, cache_dir=settings.cache_dir,
-            compile=settings.compile, mask_refine_weights=settings.mask_refine_weights)
+        self.pipe: AnyDoorPipeline = load_pipeline(settings.load_spec())
         self.out_dir = Path(tempfile.mkdtemp(prefix="anydoor-cog-"))
         inputs, params = warmup_request(settings.warmup_steps)
         self.pipe.generate(inputs, params)
@@ -91,18 +90,21 @@ class Predictor(BaseRunner):
     ) -> Path:
         """Insert the object of ``reference`` into each target region of ``background``; returns a PNG."""
         values = dict(locals())
-        params = GenerationParams(**{name: values[name] for name in _SPECS})
-        inputs = GenerationInputs(
-            reference, background, reference_mask, background_mask,  # lists: normalised by GenerationInputs
-            boxes_of([box]) if box is not None and box.strip() else None,
-            Placement.from_json(placement) if placement is not None and placement.strip() else None, placement_area)
+        limits = self.settings.limits
+        # The spec's codecs decode Cog's arguments as every surface's: lists are repeated fields, text targets
+        # (boxes, a placement) are parsed, a blank optional text is not given; files are opened by the same rule
+        # as the CLI's (regular files within the upload limit), after the counts are checked.
+        items = [(name, item) for name in (*_FIELDS, *_SPECS)
+                 for item in (values[name] if isinstance(values[name], list) else [values[name]])
+                 if not (isinstance(item, str) and name in _FIELDS and not item.strip())]
+        inputs, params = decode_request(items, Wire.COG, limits=limits, open_file=LocalFiles(limits=limits))
         total = params.steps
 
         def progress(step: int, steps: int, t: int) -> None:
             if step == steps or step % max(1, total // 10) == 0:
                 print(f"step {step}/{steps}", flush=True)
 
-        result = self.pipe.generate(inputs, params, progress=progress, max_pixels=self.settings.max_pixels)
+        result = self.pipe.generate(inputs, params, progress=progress, limits=limits)
         self.record_metric("seed", result.seed)
         self.record_metric("regions", result.regions)
         for stage, seconds in result.timings.items():

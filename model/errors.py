@@ -33,6 +33,9 @@ class ErrorCode(str, enum.Enum):
     TOO_MANY_FIELDS = "too_many_fields", "A multipart body with more parts (fields and files) than the limit."
     FIELD_TOO_LONG = "field_too_long", "A text field longer than the field-length limit."
     TOO_MANY_DIGITS = "too_many_digits", "A number written with more digits than any valid value has."
+    INVALID_JSON = "invalid_json", ("A JSON body or manifest line that is not valid UTF-8 JSON, or not an object (the "
+                                    "message says where).")
+    DUPLICATE_KEY = "duplicate_key", "A JSON object (a body, a manifest line, a placement) with a key given twice."
     # --- images
     NOT_AN_IMAGE = "not_an_image", ("No image is recognised in the data: it has no known image signature, or an "
                                     "accepted format's signature with no header of that format behind it.")
@@ -42,7 +45,14 @@ class ErrorCode(str, enum.Enum):
     TRUNCATED_IMAGE = "truncated_image", ("An image in an accepted format whose header fields or pixel data are cut "
                                           "short or corrupt.")
     TOO_MANY_PIXELS = "too_many_pixels", "An image over the pixel limit, read from its header before decoding."
-    UNREADABLE_FILE = "unreadable_file", "A file path (Python API, CLI) that cannot be read."
+    UNREADABLE_FILE = "unreadable_file", ("A file path (Python API, CLI, manifest) that does not exist or cannot be "
+                                          "read.")
+    NOT_A_FILE = "not_a_file", ("A file path (CLI, manifest) that names a directory, a device or a pipe, not a "
+                                "regular file.")
+    PATH_OUTSIDE_BASE = "path_outside_base", ("A manifest path that resolves (symlinks included) outside the "
+                                              "manifest's directory; `anydoor batch --allow-paths-outside` allows it.")
+    INVALID_FILE_NAME = "invalid_file_name", ("A file name that cannot be a label (a reference's name is its class in "
+                                              "COCO and YOLO): it holds a newline or another control character.")
     INVALID_IMAGE = "invalid_image", "An array given as an image without the (H, W, 3) uint8 layout (Python API)."
     # --- masks
     INVALID_MASK = "invalid_mask", "An array given as a mask that is not two-dimensional (Python API)."
@@ -77,6 +87,17 @@ class ErrorCode(str, enum.Enum):
     SHUTTING_DOWN = "shutting_down", "The shutdown grace period ran out and the request was cancelled."
     GPU_OUT_OF_MEMORY = "gpu_out_of_memory", "The GPU ran out of memory for this request; the worker goes on."
     INTERNAL_ERROR = "internal_error", "A bug; the server log has the traceback under the request id."
+    # --- seen by clients only (the Python client, `anydoor batch --url`, the studio page): no server sends these
+    UNREACHABLE = "unreachable", ("Client side: the server could not be reached (refused, reset, timed out or "
+                                  "closed before answering).")
+    BAD_RESPONSE = "bad_response", ("Client side: an answer that is not the documented one (a 200 whose body is not "
+                                    "the JSON answer, an event stream that ends without its result).")
+    HTTP_ERROR = "http_error", ("Client side: an HTTP error status without a JSON error body (a proxy's or load "
+                                "balancer's page); the message has the status.")
+
+
+CLIENT_SIDE = frozenset({ErrorCode.UNREACHABLE, ErrorCode.BAD_RESPONSE, ErrorCode.HTTP_ERROR})
+"""The codes a client records for a failure no server described (no HTTP status belongs to them)."""
 
 
 class InputError(ValueError):

@@ -77,6 +77,7 @@ def create_app(settings: Settings | None = None, *, load: Callable[[], Pipeline]
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    _publish_placement_schema(app)
     app.state.service = service
     app.include_router(router)
     app.mount(DOCS_ASSETS_URL, StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
@@ -193,3 +194,20 @@ def _drain_on_signals(service: InferenceService, loop: asyncio.AbstractEventLoop
         for number, handler in previous.items():
             if signal.getsignal(number) is on_signal:
                 signal.signal(number, handler)
+
+
+def _publish_placement_schema(app: FastAPI) -> None:
+    """Add the placement object's JSON schema (from the request spec) to the OpenAPI components, where the
+    ``placement`` field of ``/predict`` refers to it; FastAPI only generates components for pydantic models."""
+    from model.spec.placement import placement_schema
+
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            schema.setdefault("components", {}).setdefault("schemas", {})["Placement"] = placement_schema()
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -13,11 +13,11 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
-from model.errors import ErrorCode, InputError
+from model.errors import CLIENT_SIDE, ErrorCode, InputError
 from service.metrics import Metrics
 
 C = ErrorCode
-# code -> (HTTP status, metrics reason). Every ErrorCode has an entry (a test checks it).
+# code -> (HTTP status, metrics reason). Every ErrorCode but the client-side ones has an entry (a test checks it).
 HTTP_STATUS: dict[ErrorCode, tuple[int, str]] = {
     C.BAD_REQUEST: (400, "validation"),
     C.MISSING_FIELD: (422, "validation"),
@@ -28,11 +28,16 @@ HTTP_STATUS: dict[ErrorCode, tuple[int, str]] = {
     C.TOO_MANY_FIELDS: (413, "validation"),
     C.FIELD_TOO_LONG: (413, "validation"),
     C.TOO_MANY_DIGITS: (422, "validation"),
+    C.INVALID_JSON: (400, "validation"),
+    C.DUPLICATE_KEY: (422, "validation"),
     C.NOT_AN_IMAGE: (422, "validation"),
     C.UNSUPPORTED_FORMAT: (422, "validation"),
     C.TRUNCATED_IMAGE: (422, "validation"),
     C.TOO_MANY_PIXELS: (422, "validation"),
     C.UNREADABLE_FILE: (422, "validation"),
+    C.NOT_A_FILE: (422, "validation"),
+    C.PATH_OUTSIDE_BASE: (422, "validation"),
+    C.INVALID_FILE_NAME: (422, "validation"),
     C.INVALID_IMAGE: (422, "validation"),
     C.INVALID_MASK: (422, "validation"),
     C.SIZE_MISMATCH: (422, "validation"),
@@ -114,13 +119,14 @@ def error_response(exc: ServiceError, request_id: str | None, metrics: Metrics |
 def error_table() -> str:
     """The Markdown table of every error code, its HTTP status and meaning, as the README shows it."""
     rows = ["| Status | `error` | Meaning |", "| --- | --- | --- |"]
-    for code in sorted(ErrorCode, key=lambda c: (status_of(c), list(ErrorCode).index(c))):
+    for code in sorted(HTTP_STATUS, key=lambda c: (status_of(c), list(ErrorCode).index(c))):
         rows.append(f"| {status_of(code)} | `{code.value}` | {code.meaning} |")
+    rows += [f"| client | `{code.value}` | {code.meaning} |" for code in ErrorCode if code in CLIENT_SIDE]
     return "\n".join(rows) + "\n"
 
 
 def codes_with_status(status: int) -> list[ErrorCode]:
-    return [code for code in ErrorCode if status_of(code) == status]
+    return [code for code in HTTP_STATUS if status_of(code) == status]
 
 
 # --- the errors raised in more than one place ----------------------------------------------------------------

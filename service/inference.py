@@ -83,13 +83,16 @@ class Prediction:
         return server_timing(self.timings)
 
 
+def uploaded_bytes(inputs: GenerationInputs) -> int:
+    """The bytes of every uploaded file of a request: several references and their masks included."""
+    return sum(len(v) for v in inputs.uploads() if isinstance(v, bytes | bytearray | memoryview))
+
+
 def load_from_settings(settings: Settings) -> Pipeline:
     """The pipeline the settings ask for (:func:`model.pipeline.loader.load_pipeline`)."""
     from model.pipeline.loader import load_pipeline
 
-    return load_pipeline(settings.weights, demo=settings.demo, config=settings.config, device=settings.device,
-                         dtype=settings.dtype, sha256=settings.weights_sha256, cache_dir=settings.cache_dir,
-                         compile=settings.compile, mask_refine_weights=settings.mask_refine_weights)
+    return load_pipeline(settings.load_spec())
 
 
 class Slot:
@@ -262,9 +265,7 @@ class InferenceService:
             yield
         finally:
             self.metrics.in_flight.dec()
-            uploaded = sum(len(v) for v in (inputs.reference, inputs.background, inputs.reference_mask,
-                                            inputs.background_mask) if isinstance(v, bytes | bytearray))
-            if uploaded > LARGE_REQUEST_BYTES:
+            if uploaded_bytes(inputs) > LARGE_REQUEST_BYTES:
                 # The uploads and arrays are garbage by now; trimming walks the heap, so not on the event loop.
                 asyncio.get_running_loop().run_in_executor(None, release_free_memory)
 
@@ -277,8 +278,7 @@ class InferenceService:
         assert self._limiter is not None
         try:
             work = await anyio.to_thread.run_sync(
-                functools.partial(self.worker.prepare, inputs, params, max_pixels=self.settings.max_pixels,
-                                  max_regions=self.settings.max_regions),
+                functools.partial(self.worker.prepare, inputs, params, limits=self.settings.limits),
                 limiter=self._limiter,
             )
         except InputError as exc:

@@ -18,6 +18,7 @@ from typing import Any
 
 from model.config import DTYPE_NAMES
 from model.errors import ErrorCode
+from model.spec.limits import Limits, limit_fields
 from model.weights.download import is_url
 
 DTYPES = ("auto", *DTYPE_NAMES)
@@ -82,6 +83,14 @@ def _setting(
     )
 
 
+def _limit_setting(name: str, parse: Callable[[str], Any]) -> Any:
+    """A setting that is one of the request :class:`Limits`: its default, variable, flag and help come from there."""
+    f = next(f for f in limit_fields() if f.name == name)
+    meta = f.metadata
+    return _setting(f.default, meta["env"], meta["help"], parse, flag=meta["flag"], metavar=meta["metavar"],
+                    limit=meta["code"])
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the service can be told. Build with :meth:`from_env`; invalid values raise SettingsError."""
@@ -123,25 +132,14 @@ class Settings:
     queue_timeout_s: float = _setting(
         60.0, "ANYDOOR_QUEUE_TIMEOUT_S", "A request that has waited this long without starting gets 504.", _float,
         flag="--queue-timeout-s", metavar="SECONDS")
-    max_upload_mb: float = _setting(
-        20.0, "ANYDOOR_MAX_UPLOAD_MB", "Largest accepted file per upload field, in MiB (413 above). The whole request "
-        "body may be at most 4 times this plus 1 MiB.", _float, flag="--max-upload-mb", metavar="MIB",
-        limit=ErrorCode.PAYLOAD_TOO_LARGE)
-    max_pixels: int = _setting(
-        16_777_216, "ANYDOOR_MAX_PIXELS", "Largest accepted image, width x height, checked from the header before "
-        "decoding (decompression bombs). Queued requests hold their decoded background: budget about "
-        "4 bytes per pixel per queued request.", _int, flag="--max-pixels", metavar="N",
-        limit=ErrorCode.TOO_MANY_PIXELS)
-    max_regions: int = _setting(
-        8, "ANYDOOR_MAX_REGIONS", "Most target regions in one request (boxes, or separate regions of a mask), counted "
-        "before anything is built for them: each costs a full generation on the one GPU worker.", _int,
-        flag="--max-regions", metavar="N", limit=ErrorCode.TOO_MANY_REGIONS)
+    # The request limits: the same defaults, names and help as every other surface's (model.spec.limits).
+    max_upload_mb: float = _limit_setting("max_upload_mb", _float)
+    max_pixels: int = _limit_setting("max_pixels", _int)
+    max_regions: int = _limit_setting("max_regions", _int)
     max_form_fields: int = _setting(
         32, "ANYDOOR_MAX_FORM_FIELDS", "Most parts (fields and files) in one multipart request.", _int,
         flag="--max-form-fields", metavar="N", limit=ErrorCode.TOO_MANY_FIELDS)
-    max_field_chars: int = _setting(
-        4096, "ANYDOOR_MAX_FIELD_CHARS", "Longest text field (a parameter, the boxes) in characters.", _int,
-        flag="--max-field-chars", metavar="N", limit=ErrorCode.FIELD_TOO_LONG)
+    max_field_chars: int = _limit_setting("max_field_chars", _int)
     max_uploads: int = _setting(
         4, "ANYDOOR_MAX_UPLOADS", "Request bodies read at the same time; more wait unread (TCP backpressure keeps "
         "their bytes in the clients' sockets), so concurrent uploads hold at most this many bodies in memory or on "
@@ -294,6 +292,20 @@ class Settings:
         return cls(**values)
 
     # --- derived values -------------------------------------------------------------------------------------
+
+    @property
+    def limits(self) -> Limits:
+        """The request limits, as every surface has them."""
+        return Limits(max_pixels=self.max_pixels, max_regions=self.max_regions, max_upload_mb=self.max_upload_mb,
+                      max_field_chars=self.max_field_chars)
+
+    def load_spec(self) -> Any:
+        """What to load (:class:`model.pipeline.loader.LoadSpec`)."""
+        from model.pipeline.loader import LoadSpec
+
+        return LoadSpec(weights=self.weights, demo=self.demo, config=self.config, device=self.device,
+                        dtype=self.dtype, sha256=self.weights_sha256, cache_dir=self.cache_dir, compile=self.compile,
+                        mask_refine_weights=self.mask_refine_weights)
 
     @property
     def max_upload_bytes(self) -> int:

@@ -40,6 +40,7 @@ from model.errors import Cancelled, ErrorCode, InputError
 from model.nn.anydoor import dtype_name
 from model.pipeline import GenerationInputs, GenerationParams, GenerationResult, Job
 from model.pipeline.warmup import warmup_request
+from model.spec.limits import Limits
 from service.errors import (
     ServiceError,
     client_gone,
@@ -71,7 +72,7 @@ class Pipeline(Protocol):
     def dtype(self) -> torch.dtype: ...
 
     def prepare(self, inputs: GenerationInputs, params: GenerationParams, *,
-                max_pixels: int | None = None, max_regions: int | None = None) -> Job: ...
+                limits: Limits | None = None) -> Job: ...
 
     def run(self, jobs: Sequence[Job], *, progress: ProgressFn | None = None,
             should_cancel: Callable[[], bool] | None = None) -> list[GenerationResult]: ...
@@ -170,13 +171,12 @@ class GpuWorker:
 
     # --- the request side -------------------------------------------------------------------------------------
 
-    def prepare(self, inputs: GenerationInputs, params: GenerationParams, *, max_pixels: int,
-                max_regions: int) -> Job:
+    def prepare(self, inputs: GenerationInputs, params: GenerationParams, *, limits: Limits) -> Job:
         """Validate and preprocess one request (CPU only, any thread): :meth:`AnyDoorPipeline.prepare`."""
         pipe = self.pipeline
         if pipe is None:
             raise RuntimeError("the model is not loaded yet")
-        return pipe.prepare(inputs, params, max_pixels=max_pixels, max_regions=max_regions)
+        return pipe.prepare(inputs, params, limits=limits)
 
     def submit(self, job: QueuedJob) -> None:
         """Queue ``job``; raise 429 ``overloaded`` when the queue is full, 503 when shutting down."""

@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 from model.cli import batch
+from model.errors import CLIENT_SIDE, ErrorCode
 from model.pipeline.params import GenerationInputs
 from service.cli import main
 from tests.support.server import CASE_A, REPO, ServerProcess, free_port, metric, wait_for
@@ -164,7 +165,7 @@ def test_local_batch_writes_a_labelled_dataset_and_resumes(data: Path, capsys: p
         "two-boxes": "ok", "2": "ok", "missing": "failed", "4": "failed", "typo": "failed", "zero-steps": "failed",
         "placed": "ok"}
     errors = {i: (r["line"], r["error"]["code"], r["error"]["field"]) for i, r in records.items() if "error" in r}
-    assert errors == {"missing": (3, "unreadable_file", "reference"), "4": (4, "invalid_parameter", None),
+    assert errors == {"missing": (3, "unreadable_file", "reference"), "4": (4, "invalid_json", None),
                       "typo": (5, "unknown_field", "stepz"), "zero-steps": (6, "out_of_range", "steps")}
     assert records["two-boxes"]["boxes"] == [[40, 60, 120, 100], [300, 200, 150, 150]]
     assert records["two-boxes"]["seed"] == 1 and set(records["two-boxes"]["timings"]) >= {"sample", "total"}
@@ -210,10 +211,11 @@ def test_manifest_lines_are_validated_with_the_field_named(data: Path) -> None:
     assert lines[1].classes(2) == ["reference", "bottle"] and lines[0].classes(2) == ["reference", "reference"]
     got = {b.number: (b.error.code.value, b.error.field) for b in bad}
     assert got == {
-        1: ("conflicting_target", "background_mask"), 2: ("missing_target", "box"), 3: ("invalid_parameter", "id"),
+        1: ("conflicting_target", "background_mask"), 2: ("missing_target", "background_mask"),
+        3: ("invalid_parameter", "id"),
         5: ("invalid_parameter", "id"), 6: ("invalid_box", "box"), 7: ("reference_count_mismatch", "reference"),
-        8: ("missing_field", "placement"), 9: ("invalid_parameter", "placement"),
-        10: ("invalid_parameter", "guidance_scale"), 11: ("invalid_parameter", None)}
+        8: ("missing_field", "placement_area"), 9: ("invalid_parameter", "placement"),
+        10: ("invalid_parameter", "guidance_scale"), 11: ("invalid_json", None)}
     assert "also the id of line 4" in next(b for b in bad if b.number == 5).error.message
 
 
@@ -419,7 +421,8 @@ def test_remote_gives_up_on_a_dead_server(data: Path, monkeypatch: pytest.Monkey
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     assert main(["batch", str(manifest), "-o", str(out), "--url", url, "--retries", "2", "--quiet"]) == 1
     error = latest(out)["1"]["error"]
-    assert error["code"] == "connection_error" and "after 3 attempts" in error["message"]
+    assert error["code"] == ErrorCode.UNREACHABLE.value and "after 3 attempts" in error["message"]
+    assert ErrorCode(error["code"]) in CLIENT_SIDE  # a member of the closed vocabulary, documented in the README
 
 
 @pytest.fixture(scope="module")
@@ -472,3 +475,117 @@ def test_remote_per_region_references_and_placement(data: Path, servers: list[Se
     coco = check_coco(out)
     check_labels(out, coco)
     check_matches_results(out, coco)
+
+
+# --- lines keyed like /predict, and manifests that try to do harm -------------------------------------------------
+
+
+def test_a_line_keyed_like_a_predict_form_is_accepted(data: Path) -> None:
+    manifest = write_manifest(data, [
+        line(id="form-box", box="40,50,160,120", seed=1),
+        line(id="form-boxes", box=["40,50,160,120", "300,200,150,150"], seed=2),
+        line(id="flat-placement", placement={"count": 1, "min_size": 64, "max_size": 120},
+             placement_area="area.png", seed=3),
+        line(id="placement-text", placement='{"count": 1, "min_size": 64, "max_size": 120}',
+             placement_area="area.png", seed=3),
+    ])
+    out = data.parent / "out"
+    assert main(["batch", str(manifest), "-o", str(out), "--demo", "--quiet"]) == 0
+    records = latest(out)
+    assert records["form-box"]["boxes"] == [[40, 50, 160, 120]]
+    assert records["form-boxes"]["boxes"] == [[40, 50, 160, 120], [300, 200, 150, 150]]
+    assert records["flat-placement"]["boxes"] == records["placement-text"]["boxes"]
+    for line_id in records:
+        assert (out / "images" / f"{line_id}.png").read_bytes().startswith(b"\x89PNG")
+    # the old nested form ({"area": ...} inside the placement) is the same request
+    lines, bad, _ = batch.read_manifest(write_manifest(data, [
+        line(placement={"count": 1, "min_size": 64, "max_size": 120, "area": "area.png"})]))
+    assert not bad and lines[0].placement_area == (data / "area.png")
+
+
+def test_limits_are_the_services(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    nine = ";".join(["10,10,40,40"] * 9)
+    manifest = write_manifest(data, [line(id="nine", box=nine)])
+    out = data.parent / "out"
+    assert main(["batch", str(manifest), "-o", str(out), "--demo", "--quiet"]) == 1
+    assert latest(out)["nine"]["error"]["code"] == "too_many_regions"
+    assert main(["batch", str(manifest), "-o", str(out), "--demo", "--quiet", "--max-regions", "9"]) == 0
+
+
+def test_manifest_files_stay_in_the_manifest_directory(data: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "secret.png"
+    shutil.copy(data / "reference.png", outside)
+    (data / "link.png").symlink_to(outside)
+    (data / "folder.png").mkdir()
+    cases = {"passwd": "/etc/passwd", "up": "../secret.png", "link": "link.png", "dir": "folder.png",
+             "newline": "bad\nname.png", "zero": "/dev/zero"}
+    manifest = write_manifest(data, [line(id=i, reference=ref, box="1,2,30,40") for i, ref in cases.items()])
+    lines, bad, total = batch.read_manifest(manifest)
+    assert total == 6 and not lines
+    got = {b.id: (b.error.code.value, b.error.field) for b in bad}
+    assert got == {"passwd": ("path_outside_base", "reference"), "up": ("path_outside_base", "reference"),
+                   "link": ("path_outside_base", "reference"), "dir": ("not_a_file", "reference"),
+                   "newline": ("invalid_file_name", "reference"), "zero": ("path_outside_base", "reference")}
+    assert "--allow-paths-outside" in next(b for b in bad if b.id == "up").error.message
+    # allowed outside: a regular file outside is fine, a device still is not
+    files = batch.LocalFiles(data, confine=False)
+    lines, bad, _ = batch.read_manifest(manifest, files=files)
+    assert {x.id for x in lines} == {"passwd", "up", "link"}
+    assert {b.id: b.error.code.value for b in bad} == {"dir": "not_a_file", "newline": "invalid_file_name",
+                                                        "zero": "not_a_file"}
+
+
+def test_remote_sends_nothing_for_a_path_outside(data: Path) -> None:
+    received: list[bytes] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the http.server name
+            received.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(500)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        manifest = write_manifest(data, [line(id="passwd", reference="/etc/passwd", box="1,2,30,40"),
+                                         line(id="up", background="../x.png", box="1,2,30,40")])
+        out = data.parent / "out"
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert main(["batch", str(manifest), "-o", str(out), "--url", url, "--retries", "0", "--quiet"]) == 1
+    finally:
+        server.shutdown()
+    assert received == []
+    assert {i: r["error"]["code"] for i, r in latest(out).items()} == {"passwd": "path_outside_base",
+                                                                       "up": "path_outside_base"}
+
+
+def test_each_bad_line_is_its_own_error(data: Path) -> None:
+    path = data / "manifest.jsonl"
+    good = json.dumps(line(id="good", box="1,2,30,40")).encode()
+    path.write_bytes(b"\n".join([
+        good,
+        b'{"id": "bad-utf8", "reference": "ref\xff.png", "background": "background.png", "box": "1,2,30,40"}',
+        b'{"id": "dup", "reference": "reference.png", "reference": "bottle.png", "background": "background.png", '
+        b'"box": "1,2,30,40"}',
+        b'{"id": "dup-placement", "reference": "reference.png", "background": "background.png", '
+        b'"placement": {"count": 1, "count": 2, "min_size": 8, "max_size": 9}, "placement_area": "area.png"}',
+    ]) + b"\n")
+    lines, bad, total = batch.read_manifest(path)
+    assert total == 4 and [x.id for x in lines] == ["good"]
+    assert {b.number: (b.error.code.value, b.error.field) for b in bad} == {
+        2: ("invalid_json", None), 3: ("duplicate_key", "reference"), 4: ("duplicate_key", "count")}
+
+
+def test_clean_up_touches_only_our_own_temporary_files(data: Path) -> None:
+    out = data.parent / "out"
+    (out / "images").mkdir(parents=True)
+    ours = out / "images" / ".x.png.0123abcd.anydoor-tmp"
+    theirs = [out / ".notes.tmp", out / "images" / ".draft.tmp", out / ".y.png.0123abcd.tmp"]
+    for path in [ours, *theirs]:
+        path.write_bytes(b"keep")
+    manifest = write_manifest(data, [line(box="1,2,30,40")])
+    assert main(["batch", str(manifest), "-o", str(out), "--demo", "--quiet"]) == 0
+    assert not ours.exists() and all(p.read_bytes() == b"keep" for p in theirs)

@@ -192,11 +192,11 @@ def test_cli_generate_end_to_end(tmp_path: Path) -> None:
 def test_compile_is_opt_in_in_place_and_keeps_the_keys() -> None:
     """torch.compile is off unless asked for; turning it on keeps the checkpoint keys (no `_orig_mod.` prefix).
     (Compiling runs on the first generation; that takes minutes on a CPU, so it is exercised on a GPU only.)"""
-    from model.pipeline.loader import load_pipeline
+    from model.pipeline.loader import LoadSpec, load_pipeline
 
-    plain = load_pipeline(None, demo=True, device="cpu")
+    plain = load_pipeline(LoadSpec(demo=True, device="cpu"))
     assert plain.model.model.diffusion_model._compiled_call_impl is None  # type: ignore[attr-defined]
-    compiled = load_pipeline(None, demo=True, device="cpu", compile=True)
+    compiled = load_pipeline(LoadSpec(demo=True, device="cpu", compile=True))
     model = compiled.model  # type: ignore[attr-defined]
     assert model.model.diffusion_model._compiled_call_impl is not None
     assert model.control_model._compiled_call_impl is not None

@@ -167,7 +167,7 @@ def test_from_json_reads_a_placement_and_round_trips() -> None:
     ('{"count": 3, "min_size": 32, "max_size": 96, "min_gap": -1}', "out_of_range", "min_gap"),
     ('{"count": 3, "min_size": 32, "max_size": 96, "seed": -1}', "out_of_range", "seed"),
     ('{"count": 3, "min_size": 32, "max_size": 96, "aspect": NaN}', "invalid_parameter", "NaN is not a number"),
-    ('{"count": 3, "count": 4, "min_size": 32, "max_size": 96}', "invalid_parameter", "appears twice"),
+    ('{"count": 3, "count": 4, "min_size": 32, "max_size": 96}', "duplicate_key", "given twice"),
     ("[3, 32, 96]", "invalid_parameter", "must be a JSON object"),
     ('{"count": 3,', "invalid_parameter", "not a valid JSON object"),
     ('{"count": 3, "min_size": 32, "max_size": 96}' + " " * 1100, "field_too_long", "at most 1024"),

@@ -40,8 +40,7 @@ class FakePipeline:
         self.step_s = step_s
         self.batches: list[int] = []
 
-    def prepare(self, inputs: GenerationInputs, params: GenerationParams, *, max_pixels: int | None = None,
-                max_regions: int | None = None) -> Job:
+    def prepare(self, inputs: GenerationInputs, params: GenerationParams, *, limits: Any = None) -> Job:
         image = load_image(inputs.background, field="background")
         params = params.with_seed(7 if params.seed is None else params.seed)
         return Job(params, image, (None,), ((0, 0, 1, 1),), torch.zeros(1), 0.001)  # type: ignore[arg-type]

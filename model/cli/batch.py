@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import difflib
 import email.utils
 import http.client
 import json
@@ -45,21 +44,33 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from model.config import DTYPE_NAMES
 from model.errors import CheckpointError, ErrorCode, InputError
-from model.imaging.placement import Placement
-from model.imaging.regions import Box
-from model.pipeline.params import PARAM_NAMES, GenerationInputs, GenerationParams
+from model.pipeline.loader import add_load_arguments, load_spec_of
 from model.progress import ProgressBar
+from model.spec.codecs import (
+    KNOWN_FIELDS,
+    Wire,
+    collect,
+    decode_params,
+    encode_form,
+    items_of_json,
+    parse_json_object,
+    unknown_field,
+)
+from model.spec.files import LocalFiles
+from model.spec.inputs import Box, GenerationInputs
+from model.spec.limits import Limits, add_limit_arguments, limits_of
+from model.spec.params import PARAM_NAMES, GenerationParams
+from model.spec.placement import Placement
+from model.weights.download import DownloadError
 
 PROG = "anydoor batch"
 DEVICE_HELP = "cpu, cuda, cuda:N or auto (default: CUDA when available)"
-TARGETS = ("box", "background_mask", "placement")
-MANIFEST_KEYS = ("id", "reference", "reference_mask", "background", *TARGETS, *PARAM_NAMES)
+MANIFEST_KEYS = ("id", *KNOWN_FIELDS)
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 RESERVED_IDS = ("classes",)  # labels/classes.txt lives next to labels/<id>.txt
-CONNECTION_ERROR = "connection_error"  # the one code of a failure that no server answered (the others are ErrorCodes)
-BAD_RESPONSE = "bad_response"  # a 200 whose body is not the documented JSON answer
+TMP_SUFFIX = ".anydoor-tmp"  # our temporary files: .<name>.<8 hex>.anydoor-tmp; the clean-up touches no other
+TMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}" + re.escape(TMP_SUFFIX))
 BACKOFF_BASE_S, BACKOFF_CAP_S, RETRY_AFTER_CAP_S = 0.5, 30.0, 300.0
 
 
@@ -68,7 +79,7 @@ BACKOFF_BASE_S, BACKOFF_CAP_S, RETRY_AFTER_CAP_S = 0.5, 30.0, 300.0
 
 @dataclass(frozen=True)
 class Line:
-    """One manifest line, validated: absolute paths, a target, the parameters."""
+    """One manifest line, validated: checked paths, a target, the parameters."""
 
     number: int  # 1-based line number in the manifest
     id: str
@@ -93,47 +104,21 @@ class Line:
         stems = [path.stem for path in self.references]
         return [stems[min(i, len(stems) - 1)] for i in range(regions)]
 
+    def values(self) -> dict[str, Any]:
+        """The line as request values (paths for files), for :func:`model.spec.codecs.encode_form`."""
+        out: dict[str, Any] = {"reference": list(self.references), "reference_mask": list(self.reference_masks),
+                               "background": self.background, "background_mask": self.background_mask,
+                               "box": list(self.boxes) if self.boxes is not None else None,
+                               "placement": self.placement, "placement_area": self.placement_area}
+        out.update({name: getattr(self.params, name) for name in self.given})
+        return {k: v for k, v in out.items() if v is not None and v != []}
+
 
 @dataclass(frozen=True)
 class BadLine:
     number: int
     id: str
     error: InputError
-
-
-def _path(value: Any, field_name: str, base: Path) -> Path:
-    if not isinstance(value, str) or not value:
-        raise InputError(field_name, ErrorCode.INVALID_PARAMETER, f"must be a file path (a string), got {value!r}")
-    path = Path(value).expanduser()
-    path = path if path.is_absolute() else base / path
-    if not path.is_file():
-        raise InputError(field_name, ErrorCode.UNREADABLE_FILE, f"no such file: {path}")
-    return path
-
-
-def _paths(value: Any, field_name: str, base: Path) -> tuple[Path, ...]:
-    if isinstance(value, list):
-        if not value:
-            raise InputError(field_name, ErrorCode.INVALID_PARAMETER, "is an empty list")
-        return tuple(_path(item, field_name, base) for item in value)
-    return (_path(value, field_name, base),)
-
-
-def _boxes(value: Any) -> tuple[Box, ...]:
-    if not isinstance(value, list) or not value:
-        raise InputError("box", ErrorCode.INVALID_BOX, f"must be a list of [x, y, w, h] boxes, got {value!r}")
-    items = [value] if len(value) == 4 and all(not isinstance(v, list) for v in value) else value
-    boxes = []
-    for index, item in enumerate(items):
-        if (not isinstance(item, list) or len(item) != 4
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in item)):
-            raise InputError("box", ErrorCode.INVALID_BOX, f"box {index} must be four integers [x, y, w, h], "
-                             f"got {item!r}")
-        x, y, w, h = item
-        if x < 0 or y < 0 or w <= 0 or h <= 0:
-            raise InputError("box", ErrorCode.INVALID_BOX, f"box {index} needs x, y >= 0 and w, h > 0, got {item!r}")
-        boxes.append((x, y, w, h))
-    return tuple(boxes)
 
 
 def _line_id(raw: Mapping[str, Any], number: int) -> str:
@@ -148,82 +133,78 @@ def _line_id(raw: Mapping[str, Any], number: int) -> str:
     return value
 
 
-def parse_line(raw: Any, number: int, base: Path) -> Line:
-    """A manifest line (its parsed JSON) validated into a :class:`Line`; :class:`InputError` naming the field."""
+def _request_values(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The line's request keys (all but ``id``). The older manifest form, a placement object with its allowed
+    area under ``"area"``, is read as the flat ``placement`` + ``placement_area`` of ``/predict``."""
+    values = {k: v for k, v in raw.items() if k != "id"}
+    placement = values.get("placement")
+    if isinstance(placement, Mapping) and "area" in placement:
+        if "placement_area" in values:
+            raise InputError("placement_area", ErrorCode.INVALID_PARAMETER,
+                             "is given twice: as placement_area and as the placement's 'area'")
+        values["placement"] = {k: v for k, v in placement.items() if k != "area"}
+        values["placement_area"] = placement["area"]
+    return values
+
+
+def parse_line(raw: Any, number: int, base: Path, *, files: LocalFiles | None = None,
+               limits: Limits | None = None) -> Line:
+    """A manifest line (its parsed JSON) validated into a :class:`Line`; :class:`InputError` naming the field.
+
+    The line goes through the request spec's codecs (:mod:`model.spec.codecs`, the JSON wire) exactly as a
+    prediction's input does: the same names, box grammar, counting rules and limits as ``/predict``. Its files
+    are checked by ``files`` (default: confined to ``base``), none is read here."""
+    limits = limits or Limits()
+    files = files or LocalFiles(base, confine=True, limits=limits)
     if not isinstance(raw, dict):
-        raise InputError(None, ErrorCode.INVALID_PARAMETER, f"a manifest line must be a JSON object, got "
+        raise InputError(None, ErrorCode.INVALID_JSON, f"a manifest line must be a JSON object, got "
                          f"{type(raw).__name__}")
     for key in raw:
         if key not in MANIFEST_KEYS:
-            close = difflib.get_close_matches(key, MANIFEST_KEYS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; the keys are {', '.join(MANIFEST_KEYS)}"
-            raise InputError(key, ErrorCode.UNKNOWN_FIELD, f"is not a manifest key{hint}")
+            raise unknown_field(key, MANIFEST_KEYS, "a manifest key")
     line_id = _line_id(raw, number)
-    for required in ("reference", "background"):
-        if required not in raw:
-            raise InputError(required, ErrorCode.MISSING_FIELD, "is required")
-    given = [name for name in TARGETS if name in raw]
-    if not given:
-        raise InputError("box", ErrorCode.MISSING_TARGET, "give one target: box, background_mask or placement")
-    if len(given) > 1:
-        raise InputError(given[1], ErrorCode.CONFLICTING_TARGET, f"give one target, not both {given[0]} and "
-                         f"{given[1]}")
-    references = _paths(raw["reference"], "reference", base)
-    masks = _paths(raw["reference_mask"], "reference_mask", base) if "reference_mask" in raw else ()
-    if masks and len(masks) != len(references):  # as on /predict: none, or one per reference
-        raise InputError("reference_mask", ErrorCode.REFERENCE_COUNT_MISMATCH,
-                         f"{len(masks)} reference masks for {len(references)} references; give none or one for each")
-    background = _path(raw["background"], "background", base)
-    boxes = _boxes(raw["box"]) if "box" in raw else None
-    background_mask = _path(raw["background_mask"], "background_mask", base) if "background_mask" in raw else None
-    placement = area = None
-    if "placement" in raw:
-        spec = raw["placement"]
-        if not isinstance(spec, dict):
-            raise InputError("placement", ErrorCode.INVALID_PARAMETER, "must be an object with the placement keys "
-                             f"and 'area', got {spec!r}")
-        if "area" not in spec:
-            raise InputError("placement", ErrorCode.MISSING_FIELD, "'area' (the path of the allowed-area mask) is "
-                             "required")
-        area = _path(spec["area"], "placement_area", base)
-        placement = Placement.from_dict({k: v for k, v in spec.items() if k != "area"})
-    params_given = tuple(name for name in PARAM_NAMES if name in raw)
-    params = GenerationParams(**{name: raw[name] for name in params_given})  # validated by the spec
-    line = Line(number, line_id, references, masks, background, boxes, background_mask, placement, area, params,
-                params_given)
-    regions = line.regions_known()
-    if len(references) > 1 and regions is not None and regions != len(references):
-        raise InputError("reference", ErrorCode.REFERENCE_COUNT_MISMATCH,
-                         f"{len(references)} references for {regions} regions; give one, or one per region")
-    return line
+    request = collect(items_of_json(_request_values(raw)), Wire.JSON, limits)
+
+    def paths(name: str) -> tuple[Path, ...]:
+        return tuple(files.resolve(name, value) for value in request.files(name))
+
+    def path(name: str) -> Path | None:
+        found = paths(name)
+        return found[0] if found else None
+
+    references, masks, background = paths("reference"), paths("reference_mask"), path("background")
+    assert background is not None  # required: collect says so otherwise
+    params = decode_params(request)
+    given = tuple(name for name in PARAM_NAMES if name in request.values)
+    return Line(number, line_id, references, masks, background, request.boxes, path("background_mask"),
+                request.placement, path("placement_area"), params, given)
 
 
-def read_manifest(path: Path) -> tuple[list[Line], list[BadLine], int]:
-    """Every line of the manifest: the valid ones, the bad ones (with the reason), and the count of lines."""
+def read_manifest(path: Path, *, files: LocalFiles | None = None, limits: Limits | None = None
+                  ) -> tuple[list[Line], list[BadLine], int]:
+    """Every line of the manifest: the valid ones, the bad ones (with the reason), and the count of lines.
+
+    Each line stands alone: bad UTF-8, bad JSON or a key given twice is that line's error, and the rest go on."""
     base = path.parent.resolve()
+    files = files or LocalFiles(base, confine=True, limits=limits)
     lines: list[Line] = []
     bad: list[BadLine] = []
     seen: dict[str, int] = {}
     total = 0
-    with path.open(encoding="utf-8") as manifest:
-        for number, text in enumerate(manifest, start=1):
-            if not text.strip():
+    with path.open("rb") as manifest:
+        for number, data in enumerate(manifest, start=1):
+            if not data.strip():
                 continue  # blank lines are not lines of the dataset (a trailing newline, spacing)
             total += 1
-            raw: Any = None
             line_id = str(number)
             try:
-                try:
-                    raw = json.loads(text)
-                except ValueError as exc:
-                    raise InputError(None, ErrorCode.INVALID_PARAMETER, f"the line is not valid JSON: {exc}") from None
-                if isinstance(raw, dict):
-                    line_id = _line_id(raw, number)
-                    if line_id.lower() in seen:
-                        raise InputError("id", ErrorCode.INVALID_PARAMETER,
-                                         f"{line_id!r} is also the id of line {seen[line_id.lower()]}")
-                    seen[line_id.lower()] = number
-                lines.append(parse_line(raw, number, base))
+                raw = parse_json_object(data, f"line {number}")
+                line_id = _line_id(raw, number)
+                if line_id.lower() in seen:
+                    raise InputError("id", ErrorCode.INVALID_PARAMETER,
+                                     f"{line_id!r} is also the id of line {seen[line_id.lower()]}")
+                seen[line_id.lower()] = number
+                lines.append(parse_line(raw, number, base, files=files, limits=limits))
             except InputError as exc:
                 bad.append(BadLine(number, line_id if exc.field != "id" else str(number), exc))
     return lines, bad, total
@@ -234,7 +215,7 @@ def read_manifest(path: Path) -> tuple[list[Line], list[BadLine], int]:
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader (or a crash) sees the old file or the new one, never a part."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
     try:
         with tmp.open("wb") as out:
             out.write(data)
@@ -301,9 +282,10 @@ class Outputs:
         except OSError:
             self._lockfile.close()
             raise RuntimeError(f"another `{PROG}` is writing to {root}") from None
-        for folder in (self.images, self.labels, root):  # temporary files of a run that was killed
-            for stale in folder.glob(".*.tmp"):
-                stale.unlink(missing_ok=True)
+        for folder in (self.images, self.labels, root):  # our temporary files of a run that was killed
+            for stale in folder.glob(f".*{TMP_SUFFIX}"):
+                if TMP_NAME.fullmatch(stale.name) and stale.is_file():
+                    stale.unlink(missing_ok=True)
         self.records = self._load()
         self.classes = self._load_classes()
         self._results: IO[str] = self.results_path.open("a", encoding="utf-8")
@@ -492,7 +474,8 @@ def local_inputs(line: Line) -> GenerationInputs:
         placement_area=line.placement_area)
 
 
-def run_local(pipe: Any, lines: Sequence[Line], report: Report, *, batch: int) -> None:
+def run_local(pipe: Any, lines: Sequence[Line], report: Report, *, batch: int, limits: Limits | None = None
+              ) -> None:
     """Prepare each line, and run lines with one denoising schedule together, ``batch`` jobs per pipe.run."""
     pending: dict[Any, list[tuple[Line, Any]]] = {}
 
@@ -524,7 +507,7 @@ def run_local(pipe: Any, lines: Sequence[Line], report: Report, *, batch: int) -
 
     for line in lines:
         try:
-            job = pipe.prepare(local_inputs(line), line.params)
+            job = pipe.prepare(local_inputs(line), line.params, limits=limits)
         except InputError as exc:
             report.input_error(line, exc, line.params.seed)
             continue
@@ -572,33 +555,19 @@ def encode_multipart(parts: Sequence[tuple[str, str | tuple[str, bytes]]]) -> tu
     return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
 
 
-def _text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return repr(value) if isinstance(value, float) else str(value)
+def form_parts(line: Line, files: LocalFiles | None = None) -> list[tuple[str, str | tuple[str, bytes]]]:
+    """The line as the fields of the /predict form, encoded by the request spec's codec (files read here, by the
+    same checks as when the manifest was read)."""
+    files = files or LocalFiles()
 
+    def read(name: str, value: Any) -> Any:
+        if isinstance(value, list):
+            return [read(name, v) for v in value]
+        if isinstance(value, Path):
+            return value.name, files(name, value)
+        return value
 
-def form_parts(line: Line) -> list[tuple[str, str | tuple[str, bytes]]]:
-    """The line as the fields of the /predict form (files read here)."""
-
-    def file(name: str, path: Path) -> tuple[str, tuple[str, bytes]]:
-        try:
-            return name, (path.name, path.read_bytes())
-        except OSError as exc:
-            raise InputError(name, ErrorCode.UNREADABLE_FILE, f"cannot read {path}: {exc.strerror}") from None
-
-    parts: list[tuple[str, str | tuple[str, bytes]]] = [file("reference", p) for p in line.references]
-    parts += [file("reference_mask", p) for p in line.reference_masks]
-    parts.append(file("background", line.background))
-    if line.background_mask is not None:
-        parts.append(file("background_mask", line.background_mask))
-    if line.boxes is not None:
-        parts += [("box", ",".join(str(v) for v in box)) for box in line.boxes]
-    if line.placement is not None and line.placement_area is not None:
-        parts.append(("placement", line.placement.to_json()))
-        parts.append(file("placement_area", line.placement_area))
-    parts += [(name, _text(getattr(line.params, name))) for name in line.given]
-    return parts
+    return encode_form({name: read(name, value) for name, value in line.values().items()})
 
 
 class Servers:
@@ -673,7 +642,7 @@ def _error_of(attempt: Attempt) -> tuple[str, str | None, str]:
         body = json.loads(attempt.body)
         return str(body["error"]), body.get("field"), str(body.get("message", ""))
     text = attempt.body[:200].decode("utf-8", errors="replace").strip()
-    return f"http_{attempt.status}", None, f"HTTP {attempt.status}" + (f": {text}" if text else "")
+    return ErrorCode.HTTP_ERROR.value, None, f"HTTP {attempt.status}" + (f": {text}" if text else "")
 
 
 def _answer(attempt: Attempt) -> Finished:
@@ -698,19 +667,20 @@ class RemoteOptions:
     api_key: str | None
     retries: int
     timeout_s: float
+    files: LocalFiles | None = None
 
 
 def send_line(line: Line, servers: Servers, options: RemoteOptions, stop: threading.Event
               ) -> tuple[Finished | None, tuple[str, str | None, str] | None]:
     """One line to the servers until it succeeds, fails for good or runs out of retries."""
     try:
-        body, content_type = encode_multipart(form_parts(line))
+        body, content_type = encode_multipart(form_parts(line, options.files))
     except InputError as exc:
         return None, (exc.code.value, exc.field, exc.message)
     headers = {"Content-Type": content_type, "Accept": "application/json", "Content-Length": str(len(body))}
     if options.api_key:
         headers["Authorization"] = f"Bearer {options.api_key}"
-    last: tuple[str, str | None, str] = (CONNECTION_ERROR, None, "no attempt was made")
+    last: tuple[str, str | None, str] = (ErrorCode.UNREACHABLE.value, None, "no attempt was made")
     for attempt_no in range(options.retries + 1):
         index = servers.acquire()
         try:
@@ -722,12 +692,13 @@ def send_line(line: Line, servers: Servers, options: RemoteOptions, stop: thread
             try:
                 result = _answer(attempt)
             except (ValueError, KeyError, TypeError) as exc:
-                last, wait = (BAD_RESPONSE, None, f"{url} answered 200 with an unreadable body: {exc}"), None
+                last = (ErrorCode.BAD_RESPONSE.value, None, f"{url} answered 200 with an unreadable body: {exc}")
+                wait = None
             else:
                 result.extra = {"server": url, "attempts": attempt_no + 1}
                 return result, None
         elif attempt.status == 0:
-            last, wait = (CONNECTION_ERROR, None, f"{url}: {attempt.error}"), None
+            last, wait = (ErrorCode.UNREACHABLE.value, None, f"{url}: {attempt.error}"), None
         elif attempt.status in (429, 503) or attempt.status >= 500:
             # Overloaded, draining or starting (429/503, with the server's own estimate), or a server fault: try
             # again, wherever is least busy then.
@@ -812,12 +783,13 @@ def register(sub: Any) -> None:
     )
     p.add_argument("manifest", type=Path, metavar="MANIFEST", help="the JSON Lines manifest")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help="output directory")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--weights", help="run locally with these weights (.safetensors, or the released .ckpt)")
-    src.add_argument("--demo", action="store_true", help="run locally with a tiny random DEMO model (noise)")
+    src = add_load_arguments(p, device_help=DEVICE_HELP)
     src.add_argument("--url", action="append", metavar="URL",
                      help="send the lines to this AnyDoor server (repeatable: spread over all of them)")
-    p.add_argument("--config", help="model config for --weights: upstream YAML or preset name")
+    add_limit_arguments(p)
+    p.add_argument("--allow-paths-outside", action="store_true",
+                   help="let manifest paths resolve outside the manifest's directory (refused by default, "
+                   "symlinks included: a manifest names only files under its own directory)")
     p.add_argument("--batch", type=_positive, default=4, metavar="N",
                    help="local mode: jobs with the same steps and sampler run together, N per batch [default: 4]")
     p.add_argument("--concurrency", type=_positive, default=None, metavar="N",
@@ -830,9 +802,6 @@ def register(sub: Any) -> None:
                    help="remote mode: sent as `Authorization: Bearer KEY` [default: $ANYDOOR_API_KEY]")
     p.add_argument("--annotations-every", type=_positive, default=20, metavar="N",
                    help="rewrite annotations.json after every N finished lines (and at the end) [default: 20]")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPE_NAMES),
-                   help="compute dtype (auto: fp16 on CUDA, fp32 on the CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -871,17 +840,6 @@ def _check_urls(urls: Sequence[str]) -> str | None:
     return None
 
 
-def _load_pipeline(args: argparse.Namespace) -> Any:
-    from model.pipeline.run import AnyDoorPipeline  # torch and the networks load only when local mode runs
-
-    if args.demo:
-        print("DEMO MODEL: tiny random weights; the output is noise, not AnyDoor.", file=sys.stderr)
-        return AnyDoorPipeline.demo(device=None if args.device == "auto" else args.device)
-    return AnyDoorPipeline.from_pretrained(args.weights, config=args.config,
-                                           device=None if args.device == "auto" else args.device,
-                                           dtype=None if args.dtype == "auto" else args.dtype)
-
-
 def run(args: argparse.Namespace, *, pipeline: Any = None) -> int:
     """The command; ``pipeline`` (tests, benchmarks) replaces loading one from the flags in local mode."""
     started = time.monotonic()
@@ -902,11 +860,14 @@ def run(args: argparse.Namespace, *, pipeline: Any = None) -> int:
     if args.retries < 0 or not math.isfinite(args.timeout) or args.timeout <= 0:
         return _usage("--retries must be at least 0 and --timeout positive")
     try:
-        lines, bad, total = read_manifest(args.manifest)
+        limits = limits_of(args)
+    except ValueError as exc:
+        return _usage(str(exc))
+    files = LocalFiles(args.manifest.parent.resolve(), confine=not args.allow_paths_outside, limits=limits)
+    try:
+        lines, bad, total = read_manifest(args.manifest, files=files, limits=limits)
     except OSError as exc:
         return _usage(f"cannot read the manifest {args.manifest}: {exc.strerror or exc}")
-    except UnicodeDecodeError as exc:
-        return _usage(f"the manifest {args.manifest} is not UTF-8 text: {exc}")
     try:
         outputs = Outputs(args.output, annotations_every=args.annotations_every)
     except (OSError, RuntimeError) as exc:
@@ -926,19 +887,23 @@ def run(args: argparse.Namespace, *, pipeline: Any = None) -> int:
         if todo and not remote:
             pipe = pipeline
             if pipe is None:
+                from model.pipeline.loader import load_pipeline  # torch loads only when local mode runs
+
+                if args.demo:
+                    print("DEMO MODEL: tiny random weights; the output is noise, not AnyDoor.", file=sys.stderr)
                 try:
-                    pipe = _load_pipeline(args)
-                except (CheckpointError, FileNotFoundError, ValueError, InputError) as exc:
+                    pipe = load_pipeline(load_spec_of(args))
+                except (CheckpointError, DownloadError, FileNotFoundError, ValueError, InputError) as exc:
                     return _usage(f"cannot load the model: {exc}")
             loaded_s = time.monotonic() - started
             report.start_clock()
-            run_local(pipe, todo, report, batch=args.batch)
+            run_local(pipe, todo, report, batch=args.batch, limits=limits)
         elif todo:
             api_key = args.api_key if args.api_key is not None else os.environ.get("ANYDOOR_API_KEY")
             concurrency = args.concurrency or 2 * len(args.url)
             report.start_clock()
             run_remote(todo, report, RemoteOptions(args.url, concurrency, api_key or None, args.retries,
-                                                   args.timeout))
+                                                   args.timeout, files))
         print(report.summary(loaded_s, time.monotonic() - started))
         print(f"wrote {args.output}/ (images/, results.jsonl, annotations.json, labels/)")
         return 0 if report.failed == 0 else 1

@@ -1,6 +1,6 @@
 """``anydoor generate``: one image from the command line, with a progress bar and the timings at the end.
 
-Its flags are generated from the request spec (:mod:`model.pipeline.params`): one ``--kebab-name`` per input
+Its flags are generated from the request spec (:mod:`model.spec`): one ``--kebab-name`` per input
 field and parameter, with the spec's default, bounds and choices in the help.
 """
 
@@ -11,20 +11,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from model.config import DTYPE_NAMES
-from model.errors import CheckpointError, InputError
-from model.imaging.placement import Placement
-from model.imaging.regions import parse_box
-from model.pipeline.params import (
-    INPUT_FIELDS,
-    REPEATABLE_FILES,
-    GenerationInputs,
-    GenerationParams,
-    ParamSpec,
-    param_specs,
-)
+from model.errors import CheckpointError, ErrorCode, InputError
+from model.pipeline.loader import add_load_arguments, load_spec_of
 from model.pipeline.result import timings_text
 from model.progress import ProgressBar
+from model.spec.codecs import Wire, decode_request
+from model.spec.fields import FieldSpec
+from model.spec.files import LocalFiles
+from model.spec.inputs import INPUT_FIELDS, GenerationInputs
+from model.spec.limits import Limits, add_limit_arguments, limits_of
+from model.spec.params import GenerationParams, param_specs
+from model.weights.download import DownloadError
 
 DEVICE_HELP = "cpu, cuda, cuda:N or auto (default: CUDA when available)"
 
@@ -34,21 +31,7 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _box(text: str) -> tuple[int, int, int, int]:
-    try:
-        return parse_box(text)
-    except InputError as exc:
-        raise argparse.ArgumentTypeError(exc.message) from exc
-
-
-def _placement(text: str) -> Placement:
-    try:
-        return Placement.from_json(text)
-    except InputError as exc:
-        raise argparse.ArgumentTypeError(exc.message) from exc
-
-
-def _parser_of(spec: ParamSpec) -> Any:
+def _parser_of(spec: FieldSpec) -> Any:
     def parse(text: str) -> Any:
         try:
             return spec.parse(text)
@@ -59,20 +42,16 @@ def _parser_of(spec: ParamSpec) -> Any:
     return parse
 
 
+_METAVARS = {"image": "PATH", "boxes": "X,Y,W,H", "placement": "JSON"}
+
+
 def add_spec_arguments(p: argparse.ArgumentParser) -> None:
-    """One flag per input field and generation parameter of the spec."""
+    """One flag per input field and generation parameter of the spec. The inputs are kept as given (paths and
+    text) and decoded by the spec's codecs (:func:`spec_values`), like every other surface's."""
     for f in INPUT_FIELDS:
-        if f.kind == "boxes":
-            p.add_argument(flag(f.name), dest="box", type=_box, action="append", metavar="X,Y,W,H",
-                           help=f"{f.help} (repeatable)")
-        elif f.kind == "json":
-            p.add_argument(flag(f.name), dest=f.name, type=_placement, metavar="JSON", help=f.help)
-        elif f.name in REPEATABLE_FILES:
-            p.add_argument(flag(f.name), dest=f.name, type=Path, action="append", required=f.required,
-                           metavar="PATH", help=f"{f.help} (repeatable)")
-        else:
-            names = [flag(f.name)] + (["--mask"] if f.name == "background_mask" else [])
-            p.add_argument(*names, dest=f.name, type=Path, required=f.required, metavar="PATH", help=f.help)
+        names = [flag(f.name)] + (["--mask"] if f.name == "background_mask" else [])
+        p.add_argument(*names, dest=f.name, action="append" if f.many else "store", required=f.required,
+                       metavar=_METAVARS[f.kind], help=f.help + (" (repeatable)" if f.many else ""))
     for spec in param_specs():
         default = "random" if spec.default is None else spec.default
         bounds = f"; {spec.bounds_text()}" if spec.bounds_text() and not spec.choices else ""
@@ -86,11 +65,22 @@ def add_spec_arguments(p: argparse.ArgumentParser) -> None:
                            help=help_text)
 
 
-def spec_values(args: argparse.Namespace) -> tuple[GenerationInputs, GenerationParams]:
-    params = GenerationParams(**{spec.name: getattr(args, spec.name) for spec in param_specs()})
-    boxes = tuple(args.box) if args.box else None
-    return GenerationInputs(args.reference, args.background, args.reference_mask, args.background_mask, boxes,
-                            args.placement, args.placement_area), params
+def spec_items(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """The request's items from the parsed flags (a repeated flag gives one item per use)."""
+    items: list[tuple[str, Any]] = []
+    for f in INPUT_FIELDS:
+        value = getattr(args, f.name, None)
+        items.extend((f.name, v) for v in (value if isinstance(value, list) else [value]) if v is not None)
+    items.extend((spec.name, getattr(args, spec.name)) for spec in param_specs())
+    return items
+
+
+def spec_values(args: argparse.Namespace, limits: Limits | None = None
+                ) -> tuple[GenerationInputs, GenerationParams]:
+    """The inputs and parameters of the flags, through the spec's codecs: counts and limits checked before any
+    file is read, files opened by the same rule as a manifest's (regular files, at most the upload limit)."""
+    limits = limits or Limits()
+    return decode_request(spec_items(args), Wire.CLI, limits=limits, open_file=LocalFiles(limits=limits))
 
 
 def register(sub: Any) -> None:
@@ -100,22 +90,17 @@ def register(sub: Any) -> None:
         description="Insert the object of --reference into every target region of --background (a mask with one "
         "or more separate regions, or one or more --box) and write the result, the background's size, to -o.",
     )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--weights", help="weights file (.safetensors, or the released .ckpt)")
-    src.add_argument("--demo", action="store_true", help="use a tiny random DEMO model (output is noise)")
-    p.add_argument("--config", help="model config: upstream YAML or preset name (default: the released model)")
+    add_load_arguments(p, device_help=DEVICE_HELP)
     add_spec_arguments(p)
+    add_limit_arguments(p)
     p.add_argument("-o", "--output", required=True, type=Path, help="output PNG path")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPE_NAMES),
-                   help="compute dtype (auto: fp16 on CUDA, fp32 on the CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from model.nn.anydoor import DeviceError, resolve_device, resolve_dtype
-    from model.pipeline.run import AnyDoorPipeline  # torch and the networks load only when the command runs
+    from model.pipeline.loader import load_pipeline  # torch and the networks load only when the command runs
 
     try:
         # Checked before anything loads: a device this machine lacks is a usage error (exit 2, like argparse's),
@@ -127,19 +112,26 @@ def run(args: argparse.Namespace) -> int:
         print(f"anydoor generate: error: --{exc.setting} {exc.value}: {exc.reason}", file=sys.stderr)
         return 2
     try:
-        inputs, params = spec_values(args)
+        limits = limits_of(args)
+    except ValueError as exc:
+        print(f"anydoor generate: error: {exc}", file=sys.stderr)
+        return 2
+    spec = load_spec_of(args)
+    try:
+        inputs, params = spec_values(args, limits)
+        if params.refine_reference_mask and not spec.mask_refine_weights:
+            # Refused before the weights load (which can take a minute), with the flag that fixes it.
+            raise InputError("refine_reference_mask", ErrorCode.REFINER_UNAVAILABLE,
+                             f"no mask refiner is loaded ({spec.refiner_setting} gives its weights)")
+        pipe = load_pipeline(spec)
         if args.demo:
-            pipe = AnyDoorPipeline.demo(device=args.device)
             print("DEMO MODEL: tiny random weights; the output is noise, not AnyDoor.", file=sys.stderr)
-        else:
-            pipe = AnyDoorPipeline.from_pretrained(args.weights, config=args.config, device=args.device,
-                                                   dtype=args.dtype)
         bar = ProgressBar("sampling", not args.quiet, unit="steps")
-        result = pipe.generate(inputs, params, progress=bar)
+        result = pipe.generate(inputs, params, progress=bar, limits=limits)
     except InputError as exc:
         print(f"error: {exc} [{exc.code.value}]", file=sys.stderr)
         return 2
-    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+    except (CheckpointError, DownloadError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     args.output.parent.mkdir(parents=True, exist_ok=True)

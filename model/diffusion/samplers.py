@@ -16,6 +16,7 @@ import torch
 
 from model.diffusion.schedule import ddim_timesteps
 from model.errors import Cancelled
+from model.spec.params import SAMPLER_DESCRIPTIONS
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # after_step(x, step_index, alpha_cumprod_reached) -> x: may rewrite the latent after each step (re-imposing known
@@ -162,9 +163,8 @@ class SamplerInfo:
     suggested_steps: int
 
 
-# The registry: the request spec's ``sampler`` choices, the CLI's and Cog's are these keys, in this order.
+# The registry: one function for each of the request spec's ``sampler`` choices (SAMPLER_DESCRIPTIONS), in order.
 SAMPLERS: dict[str, SamplerInfo] = {
-    "ddim": SamplerInfo(ddim_sample, "DDIM, eta 0 (Song et al. 2020): upstream's sampler", 50),
-    "dpmpp_2m": SamplerInfo(dpmpp_2m_sample, "DPM-Solver++(2M) (Lu et al. 2022): similar quality in fewer steps",
-                            DPMPP_DEFAULT_STEPS),
+    "ddim": SamplerInfo(ddim_sample, SAMPLER_DESCRIPTIONS["ddim"], 50),
+    "dpmpp_2m": SamplerInfo(dpmpp_2m_sample, SAMPLER_DESCRIPTIONS["dpmpp_2m"], DPMPP_DEFAULT_STEPS),
 }

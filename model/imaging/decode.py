@@ -38,11 +38,12 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from model.errors import ErrorCode, InputError
 from model.imaging.preprocess import MIN_MASK_PIXELS
+from model.spec.limits import Limits
 
 # A truncated upload must be an error, not an image with a grey bottom half.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_MAX_PIXELS = Limits().max_pixels  # the one default of every surface (model.spec.limits)
 """Largest accepted image, in pixels (a 48 MP phone photo fits; ~150 MB as RGB)."""
 MASK_THRESHOLD = 128
 """A mask pixel is inside when its 8-bit value is above this (upstream's ``> 128``)."""

@@ -16,153 +16,19 @@ size can stand on, to ``max_size`` on the area's lowest row.
 
 from __future__ import annotations
 
-import json
-import math
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Any
-
 import cv2
 import numpy as np
 
 from model.errors import ErrorCode, InputError
-from model.imaging.regions import MIN_BOX_SIDE, Box
+from model.imaging.regions import Box
+from model.spec.placement import FIELD, Placement
 
-FIELD = "placement"
-MAX_COUNT = 100
-"""Most boxes one placement may ask for; a deployment's region limit (``max_regions``) is usually lower."""
-MAX_SIDE = 16384
-MIN_ASPECT, MAX_ASPECT = 0.1, 10.0
-MAX_JSON_CHARS = 1024
-"""A placement object is a handful of small numbers; longer text is refused before it is parsed."""
-SEED_MAX = 2**63 - 1  # the request seed's bound (model.pipeline.params imports this module, not the reverse)
 RANDOM_TRIES = 200
 """Random candidate positions drawn per box before the exhaustive map is consulted."""
-_SEED_SALT = 0x706C6163  # "plac": the placement's stream differs from the noise drawn from the same request seed
-_REQUIRED = ("count", "min_size", "max_size")
-
-
-def _invalid(message: str, code: ErrorCode = ErrorCode.INVALID_PARAMETER) -> InputError:
-    return InputError(FIELD, code, message)
 
 
 def _impossible(message: str) -> InputError:
     return InputError(FIELD, ErrorCode.PLACEMENT_IMPOSSIBLE, message)
-
-
-def _check_int(name: str, value: Any, low: int, high: int) -> int:
-    # bool is an int subclass and 3.0 is not an integer count: only true integers (JSON integers) pass.
-    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
-        raise _invalid(f"{name} must be an integer, got {value!r}")
-    if not low <= value <= high:
-        raise _invalid(f"{name} must be between {low} and {high}, got {value!r}", ErrorCode.OUT_OF_RANGE)
-    return int(value)
-
-
-@dataclass(frozen=True)
-class Placement:
-    """How many objects to place and how: box sizes, aspect, spacing. Frozen; invalid values raise InputError."""
-
-    count: int  # boxes to place, 1..MAX_COUNT
-    min_size: int  # range of each box's longer side, in pixels
-    max_size: int
-    perspective: bool = False  # sizes grow linearly with the box's bottom row (a ground plane in perspective)
-    aspect: float = 1.0  # width / height of every box
-    min_gap: int = 0  # pixels between any two boxes (in x or in y)
-    seed: int | None = None  # None: derived from the request's seed (seed_for)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "count", _check_int("count", self.count, 1, MAX_COUNT))
-        object.__setattr__(self, "min_size", _check_int("min_size", self.min_size, MIN_BOX_SIDE, MAX_SIDE))
-        object.__setattr__(self, "max_size", _check_int("max_size", self.max_size, MIN_BOX_SIDE, MAX_SIDE))
-        if self.max_size < self.min_size:
-            raise _invalid(f"max_size ({self.max_size}) must not be below min_size ({self.min_size})",
-                           ErrorCode.OUT_OF_RANGE)
-        if not isinstance(self.perspective, bool | np.bool_):
-            raise _invalid(f"perspective must be true or false, got {self.perspective!r}")
-        object.__setattr__(self, "perspective", bool(self.perspective))
-        aspect = self.aspect
-        if isinstance(aspect, bool | np.bool_) or not isinstance(aspect, int | float | np.integer | np.floating):
-            raise _invalid(f"aspect must be a number, got {aspect!r}")
-        if not (math.isfinite(aspect) and MIN_ASPECT <= aspect <= MAX_ASPECT):
-            raise _invalid(f"aspect must be between {MIN_ASPECT:g} and {MAX_ASPECT:g}, got {aspect!r}",
-                           ErrorCode.OUT_OF_RANGE)
-        object.__setattr__(self, "aspect", float(aspect))
-        object.__setattr__(self, "min_gap", _check_int("min_gap", self.min_gap, 0, MAX_SIDE))
-        if self.seed is not None:
-            object.__setattr__(self, "seed", _check_int("seed", self.seed, 0, SEED_MAX))
-        w, h = self.box_shape(self.min_size)
-        if min(w, h) < MIN_BOX_SIDE:
-            raise _invalid(f"min_size {self.min_size} at aspect {self.aspect:g} gives {w}x{h} boxes; both sides "
-                           f"must be at least {MIN_BOX_SIDE} pixels", ErrorCode.OUT_OF_RANGE)
-
-    # --- reading and writing --------------------------------------------------------------------------------
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> Placement:
-        """A placement from a mapping of its fields (a parsed JSON object): unknown or missing keys are errors."""
-        if not isinstance(values, Mapping):
-            raise _invalid(f"must be a JSON object with the keys {', '.join(_NAMES)}, got {type(values).__name__}")
-        unknown = [key for key in values if key not in _NAMES]
-        if unknown:
-            raise _invalid(f"{unknown[0]!r} is not a placement key; the keys are {', '.join(_NAMES)}")
-        missing = [key for key in _REQUIRED if key not in values]
-        if missing:
-            raise _invalid(f"{missing[0]!r} is required (the keys {', '.join(_REQUIRED)} always are)")
-        return cls(**values)
-
-    @classmethod
-    def from_json(cls, text: str) -> Placement:
-        """Strictly parse a JSON object (a form field, a manifest value): one object, no duplicate keys, no NaN."""
-        if not isinstance(text, str):
-            raise _invalid(f"must be JSON text, got {type(text).__name__}")
-        if len(text) > MAX_JSON_CHARS:
-            raise _invalid(f"is {len(text)} characters long; at most {MAX_JSON_CHARS} are accepted",
-                           ErrorCode.FIELD_TOO_LONG)
-        try:
-            values = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError, and so are our hooks'
-            raise _invalid(f"is not a valid JSON object: {exc}") from None
-        return cls.from_dict(values)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as JSON-ready values (a seed left to the request is left out)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if not (f.name == "seed" and self.seed is None)}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), separators=(",", ":"))
-
-    # --- derived values ---------------------------------------------------------------------------------------
-
-    def box_shape(self, size: int) -> tuple[int, int]:
-        """``(w, h)`` of a box whose longer side is ``size`` at this aspect."""
-        if self.aspect >= 1.0:
-            return size, max(1, round(size / self.aspect))
-        return max(1, round(size * self.aspect)), size
-
-    def seed_for(self, request_seed: int) -> int:
-        """The seed that places the boxes: :attr:`seed`, or one derived from the request's seed (so a request
-        with a seed is reproducible without fixing this one, and its noise and its layout are independent)."""
-        if self.seed is not None:
-            return self.seed
-        state = np.random.SeedSequence([int(request_seed), _SEED_SALT]).generate_state(2, np.uint32)
-        return (int(state[0]) << 32 | int(state[1])) & SEED_MAX
-
-
-_NAMES = tuple(f.name for f in fields(Placement))
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"the key {key!r} appears twice")
-        out[key] = value
-    return out
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number")
 
 
 # --- the algorithm --------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ All boxes are ``(y1, y2, x1, x2)`` tuples used as half-open slices ``[y1:y2, x1:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import cv2
@@ -30,8 +29,6 @@ DEFAULT_CROP_EXPAND_RATIO = 2.0
 
 MIN_MASK_PIXELS = 10
 """Masks with fewer pixels are rejected: upstream silently replaces their box by the whole image."""
-MAX_EXPAND_RATIO = 10.0
-"""Upper bound for every expansion ratio; larger values only shrink the object to nothing."""
 
 REFERENCE_SIZE = 224  # DINOv2 input resolution
 CROP_SIZE = 512  # Stable Diffusion / ControlNet resolution
@@ -235,10 +232,11 @@ def _check_mask(name: str, mask: np.ndarray, image: np.ndarray, image_name: str)
 
 
 def _check_ratio(name: str, value: float) -> float:
-    value = float(value)
-    if not math.isfinite(value) or not 1.0 <= value <= MAX_EXPAND_RATIO:
-        raise InputError(name, ErrorCode.OUT_OF_RANGE, f"must be between 1.0 and {MAX_EXPAND_RATIO}, got {value}")
-    return value
+    """The ratio checked against its bounds in the request spec (the one definition of them)."""
+    from model.spec.params import param_specs
+
+    spec = next(s for s in param_specs() if s.name == name)
+    return float(spec.check(value))
 
 
 # ------------------------------------------------------------------------------------------------------ pipeline

@@ -6,25 +6,18 @@ connected region (or each box) becomes its own target, processed one after the o
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import cv2
 import numpy as np
 
 from model.errors import ErrorCode, InputError
+from model.spec.inputs import MAX_COORDINATE_DIGITS, Box, parse_box, parse_boxes  # noqa: F401 (re-exported)
+from model.spec.placement import MIN_BOX_SIDE
 
 DEFAULT_MIN_REGION_AREA = 64
 """Connected components smaller than this many pixels (an 8x8 patch) are dropped as specks: stray brush dots or
 compression noise, too small to hold a generated object."""
-MIN_BOX_SIDE = 4
-"""Boxes thinner than this in either direction are rejected: there is no room for an object."""
-
-Box = tuple[int, int, int, int]
-_INT = re.compile(r"[+-]?\d+")
-MAX_COORDINATE_DIGITS = 9
-"""A box coordinate has at most this many digits (no image is a billion pixels wide); longer is refused before
-``int()`` runs, which would otherwise spend quadratic time on (or refuse, past 4300 digits) a huge number."""
 
 
 def _too_many(field: str, count: int, limit: int, what: str) -> InputError:
@@ -61,33 +54,6 @@ def split_mask(
         raise _too_many(field, len(kept), max_regions, f"separate regions of at least {min_area} pixels")
     kept.sort(key=lambda label: (stats[label, cv2.CC_STAT_TOP], stats[label, cv2.CC_STAT_LEFT], label))
     return [labels == label for label in kept]
-
-
-def parse_box(text: str) -> Box:
-    """Parse ``"x,y,w,h"`` (integers, optional spaces) into a tuple; :class:`InputError` on field ``box`` otherwise.
-
-    Only the syntax and signs are checked here; :func:`boxes_to_masks` checks the box against the image.
-    """
-    parts = [part.strip() for part in str(text).split(",")]
-    if any(len(part.lstrip("+-")) > MAX_COORDINATE_DIGITS for part in parts):
-        raise InputError("box", ErrorCode.TOO_MANY_DIGITS,
-                         f"a coordinate has more than {MAX_COORDINATE_DIGITS} digits in {text[:40]!r}...")
-    if len(parts) != 4 or not all(_INT.fullmatch(part) for part in parts):
-        raise InputError("box", ErrorCode.INVALID_BOX, f"expected 'x,y,w,h' with four integers, got {text!r}")
-    x, y, w, h = (int(part) for part in parts)
-    if x < 0 or y < 0:
-        raise InputError("box", ErrorCode.INVALID_BOX, f"x and y must not be negative, got {text!r}")
-    if w <= 0 or h <= 0:
-        raise InputError("box", ErrorCode.INVALID_BOX, f"width and height must be positive, got {text!r}")
-    return x, y, w, h
-
-
-def parse_boxes(text: str) -> list[Box]:
-    """Parse one or more boxes separated by ``;`` (``"x,y,w,h;x,y,w,h"``)."""
-    items = [item for item in str(text).split(";") if item.strip()]
-    if not items:
-        raise InputError("box", ErrorCode.INVALID_BOX, "no box given")
-    return [parse_box(item) for item in items]
 
 
 def _check_box(index: int, box: object, height: int, width: int) -> Box:

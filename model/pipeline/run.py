@@ -29,7 +29,7 @@ from model.diffusion.guidance import guided_denoiser
 from model.diffusion.samplers import SAMPLERS, ProgressFn
 from model.diffusion.schedule import ddim_timesteps
 from model.errors import ErrorCode, InputError
-from model.imaging.decode import DEFAULT_MAX_PIXELS, ImageSource, load_image, load_mask, load_reference
+from model.imaging.decode import ImageSource, load_image, load_mask, load_reference
 from model.imaging.placement import Placement, place_boxes
 from model.imaging.postprocess import crop_like, paste_back
 from model.imaging.preprocess import MIN_MASK_PIXELS, PreparedInputs, bbox_from_mask, prepare_inputs
@@ -39,6 +39,8 @@ from model.nn.mask_refine import MaskRefiner
 from model.pipeline.job import Job, freeze
 from model.pipeline.params import PARAM_NAMES, GenerationInputs, GenerationParams
 from model.pipeline.result import STAGES, GenerationResult
+from model.spec.inputs import check_reference_count
+from model.spec.limits import Limits
 
 CancelFn = Callable[[], bool]
 DECODE_BATCH = 2  # latents decoded together
@@ -57,6 +59,8 @@ class AnyDoorPipeline:
         self.max_batch_items = max_batch_items
         # Upstream demo's reference-mask refiner, for requests with refine_reference_mask (None: not available).
         self.mask_refiner = mask_refiner
+        # How the surface that built this pipeline loads a refiner, for the refiner_unavailable message.
+        self.refiner_hint = "give mask_refine_weights to load_pipeline"
 
     @classmethod
     def from_pretrained(
@@ -111,6 +115,7 @@ class AnyDoorPipeline:
         progress: ProgressFn | None = None,
         should_cancel: CancelFn | None = None,
         max_pixels: int | None = None,
+        limits: Limits | None = None,
         **params: Any,
     ) -> GenerationResult:
         """Insert the object of ``reference`` into every target region of ``background``: the keyword call.
@@ -126,48 +131,35 @@ class AnyDoorPipeline:
         inputs = GenerationInputs(reference, background, reference_mask, background_mask,  # type: ignore[arg-type]
                                   tuple(boxes) if boxes is not None else None, placement, placement_area)
         return self.generate(inputs, GenerationParams(**params), initial_noise=initial_noise, progress=progress,
-                             should_cancel=should_cancel, max_pixels=max_pixels)
+                             should_cancel=should_cancel, max_pixels=max_pixels, limits=limits)
 
     def generate(self, inputs: GenerationInputs, params: GenerationParams, *,
                  initial_noise: torch.Tensor | None = None, progress: ProgressFn | None = None,
-                 should_cancel: CancelFn | None = None, max_pixels: int | None = None) -> GenerationResult:
+                 should_cancel: CancelFn | None = None, max_pixels: int | None = None,
+                 limits: Limits | None = None) -> GenerationResult:
         """:meth:`prepare` and :meth:`run` for one request."""
-        job = self.prepare(inputs, params, initial_noise=initial_noise, max_pixels=max_pixels)
+        job = self.prepare(inputs, params, initial_noise=initial_noise, max_pixels=max_pixels, limits=limits)
         return self.run([job], progress=progress, should_cancel=should_cancel)[0]
 
     def prepare(self, inputs: GenerationInputs, params: GenerationParams, *,
-                initial_noise: torch.Tensor | None = None, max_pixels: int | None = None,
-                max_regions: int | None = None) -> Job:
+                initial_noise: torch.Tensor | None = None, limits: Limits | None = None,
+                max_pixels: int | None = None, max_regions: int | None = None, refiner_hint: str | None = None) -> Job:
         """Decode the images and preprocess every target region (CPU only, any thread).
 
-        ``max_pixels`` bounds every image (checked from its header); ``max_regions`` the number of target regions,
-        counted before anything is built for them."""
+        ``limits`` (default: :class:`Limits`, the service's defaults) bound every image (its pixels, checked from
+        its header) and the number of target regions, counted before anything is built for them; ``max_pixels``
+        and ``max_regions`` override one limit. ``refiner_hint`` says, in a ``refiner_unavailable`` error, how the
+        caller's surface loads a refiner (a flag, a setting)."""
         start = time.perf_counter()
         seed = secrets.randbits(63) if params.seed is None else params.seed
-        limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
-        if max_regions is not None and inputs.boxes is not None and len(inputs.boxes) > max_regions:
-            check_boxes(inputs.boxes, (1, 1), max_regions=max_regions)  # too_many_regions, before any decoding
-
-        given = [name for name, value in (("background_mask", inputs.background_mask), ("box", inputs.boxes),
-                                          ("placement", inputs.placement)) if value is not None]
-        if len(given) != 1:
-            code = ErrorCode.MISSING_TARGET if not given else ErrorCode.CONFLICTING_TARGET
-            raise InputError("placement" if "placement" in given else "background_mask", code,
-                             "give exactly one target: a background_mask, one or more boxes, or a placement"
-                             + (f" (got {' and '.join(given)})" if given else ""))
-        if inputs.placement is not None and inputs.placement_area is None:
-            raise InputError("placement_area", ErrorCode.MISSING_FIELD, "a placement needs its allowed area")
+        limits = (limits or Limits()).with_(
+            **{k: v for k, v in (("max_pixels", max_pixels), ("max_regions", max_regions)) if v is not None})
+        limit, max_regions = limits.max_pixels, limits.max_regions
+        inputs.check(max_regions)  # targets and counts, before any decoding
         references, reference_masks = inputs.references, inputs.reference_masks
-        if len(reference_masks) != len(references):
-            raise InputError("reference_mask", ErrorCode.REFERENCE_COUNT_MISMATCH,
-                             f"{len(reference_masks)} reference masks for {len(references)} references: give none "
-                             "or one for each")
-        if max_regions is not None and len(references) > max_regions:
-            raise InputError("reference", ErrorCode.TOO_MANY_REGIONS,
-                             f"{len(references)} references; at most {max_regions} regions are accepted per request")
         if params.refine_reference_mask and self.mask_refiner is None:
             raise InputError("refine_reference_mask", ErrorCode.REFINER_UNAVAILABLE,
-                             "this server has no mask refiner (set ANYDOOR_MASK_REFINE_WEIGHTS)")
+                             f"no mask refiner is loaded ({refiner_hint or self.refiner_hint})")
         objects = [self._reference(ref, mask, params, limit) for ref, mask in zip(references, reference_masks,
                                                                                    strict=True)]
         bg = load_image(inputs.background, field="background", max_pixels=limit)
@@ -193,10 +185,7 @@ class AnyDoorPipeline:
             checked = check_boxes(wanted, (height, width), max_regions=max_regions)
             # One full-size mask at a time: a region keeps only its crops once prepared.
             targets, count = (box_mask(box, (height, width)) for box in checked), len(checked)
-        if len(objects) not in (1, count):
-            raise InputError("reference", ErrorCode.REFERENCE_COUNT_MISMATCH,
-                             f"{len(objects)} references for {count} target regions: give one for all, or one per "
-                             "region (boxes in the order given, mask regions top to bottom, then left to right)")
+        check_reference_count(len(objects), count)
 
         ratios = {"reference_expand_ratio": params.reference_expand_ratio,
                   "target_box_expand_ratio": params.target_box_expand_ratio,

@@ -1,8 +1,10 @@
-"""``POST /predict``: the form is generated from the request spec (:mod:`model.pipeline.params`), never restated.
+"""``POST /predict``: the form is generated from the request spec (:mod:`model.spec`), never restated.
 
-The multipart body is parsed here, strictly: every field must be one of the spec's (an unknown one is 422
-``unknown_field`` with the closest known name), parameters are parsed by :meth:`ParamSpec.parse`, files must be
-file parts. The OpenAPI request body is built from the same spec (:func:`request_body_schema`).
+The multipart body is read through the spec's form codec (:mod:`model.spec.codecs`), strictly: every field must
+be one of the spec's (an unknown one is 422 ``unknown_field`` with the closest known name), names, text lengths
+and the counts of references, masks and regions are checked before any upload is read, parameters are parsed by
+:meth:`FieldSpec.parse`, files must be file parts. The OpenAPI request body is built from the same spec
+(:func:`request_body_schema`), with the placement object as its own schema component (``Placement``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import difflib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -23,9 +24,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from model.errors import ErrorCode, InputError
-from model.imaging.placement import Placement
-from model.pipeline import INPUT_FIELDS, TIMING_NAMES, GenerationInputs, GenerationParams, param_specs
-from model.pipeline.params import REPEATABLE_FILES, ParamSpec, boxes_of
+from model.pipeline.result import TIMING_NAMES
+from model.spec.codecs import FilePart, RawRequest, Wire, collect, decode_params, inputs_of
+from model.spec.inputs import FILE_FIELDS, INPUT_FIELDS, GenerationInputs
+from model.spec.limits import Limits
+from model.spec.params import GenerationParams, param_specs
 from service.api.deps import get_service
 from service.api.schemas import ErrorBody, PredictResponse, Timings
 from service.errors import ServiceError, client_gone, codes_with_status, generation_failed, payload_too_large
@@ -36,47 +39,33 @@ log = logging.getLogger("anydoor.service")
 
 router = APIRouter()
 
-_FILE_FIELDS = tuple(f.name for f in INPUT_FIELDS if f.kind == "image")
-_SPECS = {spec.name: spec for spec in param_specs()}
-KNOWN_FIELDS = (*(f.name for f in INPUT_FIELDS), *_SPECS)
+PLACEMENT_REF = "#/components/schemas/Placement"  # the component is model.spec.placement.placement_schema()
 
 
 # --- the OpenAPI description, from the spec ----------------------------------------------------------------------
 
 
-def _param_schema(spec: ParamSpec) -> dict[str, Any]:
-    schema: dict[str, Any] = {"description": spec.help}
-    if spec.kind == "choice":
-        schema.update(type="string", enum=list(spec.choices or ()))
-    else:
-        schema["type"] = {"int": "integer", "float": "number", "bool": "boolean"}[spec.kind]
-        if spec.kind == "int" and spec.name == "seed":
-            schema["format"] = "int64"
-        if spec.ge is not None and spec.le is not None:
-            cast = int if spec.kind == "int" else float
-            schema.update(minimum=cast(spec.ge), maximum=cast(spec.le))
-    if spec.default is not None:
-        schema["default"] = spec.default
-    return schema
-
-
 def request_body_schema() -> dict[str, Any]:
     """The multipart request body of /predict: the spec's input fields and parameters with their bounds."""
     properties: dict[str, Any] = {}
+    encoding: dict[str, Any] = {}
     for f in INPUT_FIELDS:
         if f.kind == "image":
-            properties[f.name] = {"type": "string", "format": "binary", "description": f.help}
-        elif f.kind == "json":
-            properties[f.name] = {"type": "string", "contentMediaType": "application/json", "description": f.help}
+            one = {"type": "string", "format": "binary"}
+            properties[f.name] = ({"type": "array", "items": one} if f.many else one) | {"description": f.help}
+        elif f.kind == "placement":
+            # An object in a multipart body is sent as a JSON part (OpenAPI's default encoding for objects).
+            properties[f.name] = {"allOf": [{"$ref": PLACEMENT_REF}], "description": f.help}
+            encoding[f.name] = {"contentType": "application/json"}
         else:
             properties[f.name] = {"type": "array", "items": {"type": "string", "example": "120,80,200,260"},
                                   "description": f.help}
+            encoding[f.name] = {"style": "form", "explode": True}
     for spec in param_specs():
-        properties[spec.name] = _param_schema(spec)
+        properties[spec.name] = spec.json_schema()
     schema = {"type": "object", "properties": properties, "required": [f.name for f in INPUT_FIELDS if f.required],
               "additionalProperties": False}
-    return {"required": True, "content": {"multipart/form-data": {"schema": schema, "encoding": {
-        "box": {"style": "form", "explode": True}}}}}
+    return {"required": True, "content": {"multipart/form-data": {"schema": schema, "encoding": encoding}}}
 
 
 def _error(status: int, summary: str) -> dict[str, Any]:
@@ -130,11 +119,11 @@ async def predict(request: Request) -> Response:
     service = get_service(request)
     settings = service.settings
     # Files: the background and its masks, plus a reference (and its mask) per region at most.
-    max_files = len(_FILE_FIELDS) + 2 * settings.max_regions
+    max_files = len(FILE_FIELDS) + 2 * settings.max_regions
     form = await read_multipart(request, max_fields=settings.max_form_fields, max_part_chars=settings.max_field_chars,
                                 max_files=max_files)
     try:
-        inputs, params = await read_form(form, settings.max_upload_bytes, settings.max_field_chars)
+        inputs, params = await read_form(form, settings.limits)
     finally:
         await form.close()
     request_id = request_id_of(request.scope) or ""
@@ -249,62 +238,39 @@ async def read_multipart(request: Request, *, max_fields: int, max_part_chars: i
     return form
 
 
-async def read_form(form: FormData, max_upload_bytes: int,
-                    max_field_chars: int) -> tuple[GenerationInputs, GenerationParams]:
-    """The request's inputs and parameters from its multipart form, strictly."""
-    files: dict[str, list[bytes]] = {}
-    boxes: list[str] = []
-    texts: dict[str, str] = {}
+async def read_form(form: FormData, limits: Limits) -> tuple[GenerationInputs, GenerationParams]:
+    """The request's inputs and parameters from its multipart form, through the spec's form codec.
+
+    Phase 1 (names, lengths, targets, counts) runs on the parts as they are, so a request that cannot be served
+    is refused before a single upload is read into memory; then the uploads are read, each within its limit."""
+    items: list[tuple[str, Any]] = []
+    pending: dict[int, tuple[str, UploadFile]] = {}
     for name, value in form.multi_items():
-        if name not in KNOWN_FIELDS:
-            close = difflib.get_close_matches(name, KNOWN_FIELDS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(KNOWN_FIELDS)}"
-            raise _invalid(name, ErrorCode.UNKNOWN_FIELD, f"is not a field of this request{hint}")
-        if name in _FILE_FIELDS:
-            if not isinstance(value, UploadFile):
-                raise _invalid(name, ErrorCode.INVALID_PARAMETER, "must be a file upload (a part with a filename)")
-            if name in files and name not in REPEATABLE_FILES:
-                raise _invalid(name, ErrorCode.INVALID_PARAMETER, "was given more than once")
-            data = await _read_upload(name, value, max_upload_bytes)
-            if data is not None:
-                files.setdefault(name, []).append(data)
-            continue
         if isinstance(value, UploadFile):
-            raise _invalid(name, ErrorCode.INVALID_PARAMETER, "must be a text field, not a file")
-        if len(value) > max_field_chars:
-            raise _invalid(name, ErrorCode.FIELD_TOO_LONG,
-                           f"is {len(value)} characters long; at most {max_field_chars} are accepted")
-        if name == "box":
-            boxes.append(value)
-        elif name in texts:
-            raise _invalid(name, ErrorCode.INVALID_PARAMETER, "was given more than once")
+            if not value.size and not value.filename:
+                continue  # an empty, unnamed part is what a browser sends for an unused file input
+            placeholder = FilePart(b"", value.filename)
+            pending[id(placeholder)] = (name, value)
+            items.append((name, placeholder))
         else:
-            texts[name] = value
-    for f in INPUT_FIELDS:
-        if f.required and f.name not in files:
-            raise _invalid(f.name, ErrorCode.MISSING_FIELD, "is required")
-    placement_text = texts.pop("placement", None)
+            items.append((name, value))
     try:
-        params = GenerationParams.from_text(texts)
-        inputs = GenerationInputs(
-            tuple(files["reference"]), files["background"][0],
-            tuple(files["reference_mask"]) if "reference_mask" in files else None,  # counts: checked by the pipeline
-            files.get("background_mask", [None])[0], boxes_of(boxes) if boxes else None,
-            Placement.from_json(placement_text) if placement_text is not None else None,
-            files.get("placement_area", [None])[0])
+        raw = collect(items, Wire.FORM, limits)
+        for name, upload in pending.values():
+            if upload.size is not None and upload.size > limits.max_upload_bytes:
+                raise payload_too_large(name, upload.size, limits.max_upload_bytes)  # before reading any
+        read = {key: FilePart(await _read_upload(name, upload, limits.max_upload_bytes), upload.filename)
+                for key, (name, upload) in pending.items()}
+        values = {name: tuple(read.get(id(v), v) for v in group) if name in FILE_FIELDS else group
+                  for name, group in raw.values.items()}
+        raw = RawRequest(values, raw.wire, raw.boxes, raw.placement)
+        return inputs_of(raw), decode_params(raw)
     except InputError as exc:
         raise ServiceError.from_input_error(exc) from None
-    return inputs, params
 
 
-def _invalid(field: str, code: ErrorCode, message: str) -> ServiceError:
-    return ServiceError(code, message, field=field)
-
-
-async def _read_upload(name: str, upload: UploadFile, limit: int) -> bytes | None:
+async def _read_upload(name: str, upload: UploadFile, limit: int) -> bytes:
     """The bytes of one file part; each was spooled to disk past 1 MiB, so its size is checked first."""
-    if not upload.size and not upload.filename:
-        return None  # an empty, unnamed part is what a browser sends for an unused file input
     if upload.size is not None and upload.size > limit:
         raise payload_too_large(name, upload.size, limit)
     data = await upload.read(limit + 1)

@@ -85,7 +85,7 @@
       body = null;
     }
     if (!body || typeof body !== "object" || !body.error) {
-      body = { error: `http_${response.status}`, field: null, message: `HTTP ${response.status} ${response.statusText}` };
+      body = { error: "http_error", field: null, message: `HTTP ${response.status} ${response.statusText}` };
     }
     const retry = response.headers.get("Retry-After");
     if (retry) body.message += ` (retry in about ${retry} s)`;
@@ -151,7 +151,7 @@
   // One schema property as a labelled control with its description; null for the images and targets.
   function controlFor(name, schema) {
     if (Array.isArray(schema.anyOf)) schema = { ...schema, ...(schema.anyOf.find((s) => s.type !== "null") || {}) };
-    if (schema.format === "binary" || name === "box") return null; // the images and targets: the editors
+    if (schema.format === "binary" || (schema.items || {}).format === "binary" || name === "box") return null; // the images and targets: the editors
     const id = `param-${name}`;
     const field = document.createElement("div");
     field.className = "field";
@@ -1017,7 +1017,7 @@
         }
       }
       if (!ended) {
-        showError({ error: "stream_ended", field: null, message: "The connection closed before the result." });
+        showError({ error: "bad_response", field: null, message: "The connection closed before the result." });
       }
     } catch (error) {
       if (controller.signal.aborted) {
@@ -1025,7 +1025,7 @@
         $("progress-text").textContent = "Cancelled";
         setProgress(0, 1);
       } else {
-        showError({ error: "network_error", field: null, message: `The request failed: ${error.message}` });
+        showError({ error: "unreachable", field: null, message: `The request failed: ${error.message}` });
       }
     } finally {
       running = null;
