@@ -78,12 +78,18 @@ def _deterministic() -> None:
     torch.manual_seed(0)
 
 
+SERVER_FIXTURES = ("server", "servers", "cog_server")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tiers by what a test needs, not by hand-kept lists: a test that uses a real server (the ``server``
-    fixture of its module) is ``slow``; a ``gpu`` test is skipped where CUDA is missing."""
+    """Tiers are marked explicitly (``@pytest.mark.slow``, a module's ``pytestmark``); a test that uses a real
+    server fixture without the mark is a collection error, so the fast tier never starts a server by accident.
+    A ``gpu`` test is skipped where CUDA is missing."""
     no_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    unmarked = [item.nodeid for item in items if item.get_closest_marker("slow") is None
+                and set(SERVER_FIXTURES) & set(getattr(item, "fixturenames", ()))]
+    if unmarked:
+        raise pytest.UsageError("tests that start a real server must be marked slow: " + ", ".join(unmarked))
     for item in items:
-        if "server" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.slow)
         if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
             item.add_marker(no_cuda)

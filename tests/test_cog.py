@@ -141,6 +141,7 @@ def decode_png(uri: str) -> bytes:
     return png
 
 
+@pytest.mark.slow
 def test_health_check_reports_setup_succeeded(server: CogServer) -> None:
     status = server.get("/health-check")
     assert status["status"] == "READY"
@@ -153,6 +154,7 @@ def test_health_check_reports_setup_succeeded(server: CogServer) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_prediction_succeeds_with_a_png_and_the_seed_reproduces_it(server: CogServer) -> None:
     first = server.predict(**inputs(seed=7))
     assert first["status"] == "succeeded", f"{first.get('error')}\n{server.logs()}"
@@ -174,6 +176,7 @@ def test_prediction_succeeds_with_a_png_and_the_seed_reproduces_it(server: CogSe
     assert decode_png(boxes["output"]) != png
 
 
+@pytest.mark.slow
 def test_without_a_seed_a_random_one_is_recorded(server: CogServer) -> None:
     result = server.predict(**inputs(steps=1))
     assert result["status"] == "succeeded", result.get("error")
@@ -181,6 +184,7 @@ def test_without_a_seed_a_random_one_is_recorded(server: CogServer) -> None:
     assert f"seed={result['metrics']['seed']}" in result["logs"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

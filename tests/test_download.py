@@ -100,6 +100,7 @@ def files_under(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
 
+@pytest.mark.slow
 def test_clean_download_lands_in_the_cache_by_url(server: tuple[str, ServerState], tmp_path: Path) -> None:
     url, state = server
     out = download(url + "?X-Signature=abc", sha256=SHA, cache_dir=tmp_path, progress=False, chunk_size=CHUNK)
@@ -110,6 +111,7 @@ def test_clean_download_lands_in_the_cache_by_url(server: tuple[str, ServerState
     assert state.requests == [None]
 
 
+@pytest.mark.slow
 def test_resolve_weights_downloads_once_then_reuses_the_cache(server: tuple[str, ServerState], tmp_path: Path) -> None:
     url, state = server
     first = resolve_weights(url, sha256=SHA, cache_dir=tmp_path, progress=False)
@@ -119,6 +121,7 @@ def test_resolve_weights_downloads_once_then_reuses_the_cache(server: tuple[str,
     assert len(state.requests) == 1
 
 
+@pytest.mark.slow
 def test_interrupted_transfer_is_resumed_with_a_range_request(server: tuple[str, ServerState], tmp_path: Path) -> None:
     url, state = server
     state.cut_next = 1
@@ -136,6 +139,7 @@ def test_interrupted_transfer_is_resumed_with_a_range_request(server: tuple[str,
     assert files_under(tmp_path) == [out]
 
 
+@pytest.mark.slow
 def test_a_dropped_connection_is_retried_and_resumed_within_one_call(
     server: tuple[str, ServerState], tmp_path: Path
 ) -> None:
@@ -147,6 +151,7 @@ def test_a_dropped_connection_is_retried_and_resumed_within_one_call(
     assert state.requests == [None, f"bytes={half}-", f"bytes={half + quarter}-"]
 
 
+@pytest.mark.slow
 def test_a_server_that_ignores_range_restarts_from_zero(server: tuple[str, ServerState], tmp_path: Path) -> None:
     url, state = server
     state.honour_range = False
@@ -156,6 +161,7 @@ def test_a_server_that_ignores_range_restarts_from_zero(server: tuple[str, Serve
     assert state.requests == ["bytes=1000-"]  # answered 200 with the whole body, written from the start
 
 
+@pytest.mark.slow
 def test_a_complete_partial_file_is_finished_on_416(server: tuple[str, ServerState], tmp_path: Path) -> None:
     url, state = server
     (tmp_path / "model.safetensors.partial").write_bytes(BODY)
@@ -164,6 +170,7 @@ def test_a_complete_partial_file_is_finished_on_416(server: tuple[str, ServerSta
     assert state.bytes_sent == 0
 
 
+@pytest.mark.slow
 def test_wrong_checksum_is_rejected_and_leaves_nothing_in_the_cache(
     server: tuple[str, ServerState], tmp_path: Path
 ) -> None:
@@ -178,6 +185,7 @@ def test_wrong_checksum_is_rejected_and_leaves_nothing_in_the_cache(
     assert files_under(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_a_stale_partial_from_another_file_is_discarded_after_a_mismatch(
     server: tuple[str, ServerState], tmp_path: Path
 ) -> None:
@@ -188,6 +196,7 @@ def test_a_stale_partial_from_another_file_is_discarded_after_a_mismatch(
     assert state.requests == ["bytes=4096-", None]
 
 
+@pytest.mark.slow
 def test_a_damaged_cached_file_is_downloaded_again(server: tuple[str, ServerState], tmp_path: Path) -> None:
     url, state = server
     target = cache_path(url, tmp_path)
@@ -197,6 +206,7 @@ def test_a_damaged_cached_file_is_downloaded_again(server: tuple[str, ServerStat
     assert len(state.requests) == 1
 
 
+@pytest.mark.slow
 def test_http_errors_name_the_status_and_leave_nothing(server: tuple[str, ServerState], tmp_path: Path) -> None:
     url, _ = server
     with pytest.raises(DownloadError, match="HTTP 404"):
@@ -206,6 +216,7 @@ def test_http_errors_name_the_status_and_leave_nothing(server: tuple[str, Server
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_progress_bar_reports_on_stderr(
     server: tuple[str, ServerState], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -258,6 +269,7 @@ def test_default_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPat
     assert default_cache_dir() == tmp_path / "xdg" / "anydoor"
 
 
+@pytest.mark.slow
 def test_concurrent_downloads_of_one_url_fetch_it_once(server: tuple[str, ServerState], tmp_path: Path) -> None:
     url, state = server
     results: list[Path] = []

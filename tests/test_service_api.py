@@ -77,6 +77,7 @@ def assert_error(response: httpx.Response, status: int, code: str, field: str | 
 # --- start-up and health ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_readiness_is_503_until_warm_up_passed_then_200(server: ServerProcess, client: httpx.Client) -> None:
     assert server.ready_statuses[0] == 503 and server.ready_statuses[-1] == 200, server.ready_statuses
     assert server.cog_statuses[0] == "STARTING" and server.cog_statuses[-1] == "READY", server.cog_statuses
@@ -93,6 +94,7 @@ def test_readiness_is_503_until_warm_up_passed_then_200(server: ServerProcess, c
 # --- success ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_png_with_headers_same_seed_same_bytes_and_json_variant(client: httpx.Client) -> None:
     background = Image.open(io.BytesIO(case_a_files()["background"][1]))
     first = predict(client, data={"seed": "1234"}, headers={"X-Request-ID": "client-id-1"})
@@ -127,6 +129,7 @@ def test_png_with_headers_same_seed_same_bytes_and_json_variant(client: httpx.Cl
     assert as_json.headers["x-seed"] == "1234" and "server-timing" in as_json.headers
 
 
+@pytest.mark.slow
 def test_boxes_and_a_random_seed(client: httpx.Client) -> None:
     files = case_a_files(mask=False)
     response = client.post("/predict", files=files, headers={**AUTH, "Accept": "application/json"},
@@ -143,6 +146,7 @@ def test_boxes_and_a_random_seed(client: httpx.Client) -> None:
     assert not np.array_equal(out[60:260, 40:200], original[60:260, 40:200])
 
 
+@pytest.mark.slow
 def test_dpm_solver_sampler(client: httpx.Client) -> None:
     data = {"steps": "2", "seed": "9"}
     ddim = client.post("/predict", files=case_a_files(), headers=AUTH, data=data)
@@ -210,12 +214,14 @@ REJECTIONS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", REJECTIONS, ids=list(REJECTIONS))
 def test_rejections_name_the_field(client: httpx.Client, case: str) -> None:
     files, data, status, code, field = REJECTIONS[case]
     assert_error(predict(client, files=files, data=data), status, code, field)
 
 
+@pytest.mark.slow
 def test_the_whole_body_is_limited_by_content_length_before_reading(server: ServerProcess) -> None:
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + API_KEY.encode()
@@ -224,6 +230,7 @@ def test_the_whole_body_is_limited_by_content_length_before_reading(server: Serv
     assert status == 413 and b'"payload_too_large"' in body and b'"field":"body"' in body
 
 
+@pytest.mark.slow
 def test_api_key_is_required_for_predict_only(client: httpx.Client) -> None:
     no_key = client.post("/predict", files=case_a_files(), data={"steps": "1"})
     assert_error(no_key, 401, "unauthorized", "Authorization")
@@ -235,6 +242,7 @@ def test_api_key_is_required_for_predict_only(client: httpx.Client) -> None:
         assert client.get(path).status_code == 200, path
 
 
+@pytest.mark.slow
 def test_queue_timeout_gives_504_and_a_closed_client_frees_the_worker(server: ServerProcess,
                                                                        client: httpx.Client) -> None:
     steps_before = metric(client.get("/metrics").text, "anydoor_denoising_steps_total")
@@ -257,6 +265,7 @@ def test_queue_timeout_gives_504_and_a_closed_client_frees_the_worker(server: Se
 # --- metrics and schema ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_metrics_count_requests_failures_and_stages(client: httpx.Client) -> None:
     text = client.get("/metrics").text
     assert metric(text, "anydoor_http_request_duration_seconds_count", route="/predict", status="200") >= 4
@@ -275,6 +284,7 @@ def test_metrics_count_requests_failures_and_stages(client: httpx.Client) -> Non
     assert metric(text, "anydoor_model_info", weights="model.safetensors", device="cpu", dtype="fp32") == 1
 
 
+@pytest.mark.slow
 def test_openapi_describes_the_predict_api(client: httpx.Client) -> None:
     assert_error(client.get("/openapi.json"), 401, "unauthorized", "Authorization")  # only health/metrics are open
     schema = client.get("/openapi.json", headers=AUTH).json()
@@ -293,12 +303,14 @@ def test_openapi_describes_the_predict_api(client: httpx.Client) -> None:
     assert {"/health/live", "/health/ready", "/health-check", "/metrics"} <= set(schema["paths"])
 
 
+@pytest.mark.slow
 def test_unknown_routes_answer_json(client: httpx.Client) -> None:
     assert_error(client.get("/nope"), 401, "unauthorized", "Authorization")  # no route list for strangers
     assert_error(client.get("/nope", headers=AUTH), 404, "not_found", None)
     assert_error(client.get("/predict", headers=AUTH), 405, "method_not_allowed", None)
 
 
+@pytest.mark.slow
 def test_requests_are_served_concurrently_with_health_checks(server: ServerProcess, client: httpx.Client) -> None:
     """Generation runs on the worker thread: the event loop answers health checks meanwhile."""
     result: dict[str, int] = {}
@@ -317,6 +329,7 @@ def test_requests_are_served_concurrently_with_health_checks(server: ServerProce
     assert result["status"] == 200
 
 
+@pytest.mark.slow
 def test_one_reference_per_box_and_placement_over_http(client: httpx.Client) -> None:
     ref = case_a_files()["reference"]
     files = [("reference", ref), ("reference", ref), ("background", case_a_files()["background"])]

@@ -36,6 +36,7 @@ def _predict(url: str, params: dict[str, object]) -> httpx.Response:
     return httpx.post(f"{url}/predict", files=case_a_files(), data=data, timeout=300)
 
 
+@pytest.mark.slow
 def test_concurrent_requests_share_one_batch_and_match_solo_images(server: ServerProcess) -> None:
     before = httpx.get(f"{server.url}/metrics").text
     with ThreadPoolExecutor(len(REQUESTS)) as pool:
@@ -55,6 +56,7 @@ def test_concurrent_requests_share_one_batch_and_match_solo_images(server: Serve
         assert np.abs(served - np.asarray(alone.image, dtype=np.int16)).max() <= 1, params
 
 
+@pytest.mark.slow
 def test_requests_with_other_step_counts_are_not_batched_together(server: ServerProcess) -> None:
     before = httpx.get(f"{server.url}/metrics").text
     params = [{"seed": 1, "steps": 2}, {"seed": 2, "steps": 3}]

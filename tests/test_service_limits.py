@@ -58,6 +58,7 @@ def error_of(response: httpx.Response) -> tuple[int, str, str | None]:
     return response.status_code, body["error"], body["field"]
 
 
+@pytest.mark.slow
 def test_under_a_root_path_the_key_and_the_limits_still_hold(client: httpx.Client) -> None:
     """uvicorn's --root-path: a proxy strips the prefix, the app sees path = prefix + route. The gate keys on the
     route, so the request a raw-path gate would have waved through is refused without the key."""
@@ -76,6 +77,7 @@ def test_under_a_root_path_the_key_and_the_limits_still_hold(client: httpx.Clien
     assert metric(text, "anydoor_requests_failed_total", reason="unauthorized") >= 1  # counted under the prefix
 
 
+@pytest.mark.slow
 def test_auth_probes_find_no_bypass(client: httpx.Client) -> None:
     """Path spellings a gate that compares raw paths would miss: none reaches the model without the key."""
     probes = ["/predict/", "//predict", f"{PREFIX}//predict", f"{PREFIX}/predict/", "/./predict",
@@ -86,6 +88,7 @@ def test_auth_probes_find_no_bypass(client: httpx.Client) -> None:
     assert metric(client.get("/metrics").text, "anydoor_inference_duration_seconds_count") == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("data", "files_mask", "expected"), [
     ({"box": "1,1,20,20;30,1,20,20;60,1,20,20;90,1,20,20"}, False, (422, "too_many_regions", "box")),
     ({"box": ["1,1,20,20", "30,1,20,20", "60,1,20,20", "90,1,20,20"]}, False, (422, "too_many_regions", "box")),
@@ -103,11 +106,13 @@ def test_limits_and_strict_fields(client: httpx.Client, data: dict[str, Any], fi
     assert expected[2] in response.json()["message"]
 
 
+@pytest.mark.slow
 def test_unknown_field_names_the_closest_one(client: httpx.Client) -> None:
     response = post(client, data={"box": "1,1,20,20", "stpes": "2"})
     assert "did you mean 'steps'" in response.json()["message"]
 
 
+@pytest.mark.slow
 def test_a_mask_with_many_regions_is_refused_before_they_are_built(client: httpx.Client) -> None:
     mask = np.zeros((480, 640), np.uint8)
     for i in range(6):
@@ -120,11 +125,13 @@ def test_a_mask_with_many_regions_is_refused_before_they_are_built(client: httpx
     assert "6 separate regions" in response.json()["message"] and "at most 3" in response.json()["message"]
 
 
+@pytest.mark.slow
 def test_too_many_parts(client: httpx.Client) -> None:
     data = {f"x{i}": "1" for i in range(20)}
     assert error_of(post(client, data=data)) == (413, "too_many_fields", "body")
 
 
+@pytest.mark.slow
 def test_a_truncated_multipart_body_is_400_not_a_shorter_form(server: ServerProcess) -> None:
     request = encode_multipart(server.url, case_a_files(mask=False), {"steps": "1", "box": "10,10,64,64"}, AUTH)
     head, _, body = request.partition(b"\r\n\r\n")
@@ -136,12 +143,14 @@ def test_a_truncated_multipart_body_is_400_not_a_shorter_form(server: ServerProc
     assert status == 400 and b'"bad_request"' in answer and b"closing boundary" in answer
 
 
+@pytest.mark.slow
 def test_a_body_that_is_not_multipart_is_400(client: httpx.Client) -> None:
     response = client.post("/predict", content=b'{"steps": 1}',
                            headers={**AUTH, "content-type": "application/json"})
     assert error_of(response) == (400, "bad_request", "body")
 
 
+@pytest.mark.slow
 def test_method_labels_are_bounded(client: httpx.Client) -> None:
     for i in range(30):
         client.request(f"BREW{i}", "/health/live")
@@ -151,6 +160,7 @@ def test_method_labels_are_bounded(client: httpx.Client) -> None:
     assert "other" in methods
 
 
+@pytest.mark.slow
 def test_429_comes_before_the_upload_and_retry_after_is_measured(server: ServerProcess,
                                                                    client: httpx.Client) -> None:
     """max_queue=1: one request runs, one waits (admitted), the third is refused from its headers alone."""

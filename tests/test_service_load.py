@@ -25,6 +25,7 @@ def server() -> Iterator[ServerProcess]:
         yield proc
 
 
+@pytest.mark.slow
 def test_load_32_clients_64_requests_all_answered(server: ServerProcess) -> None:
     run = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "load.py"), "--url", server.url, "--clients", "32",

@@ -30,6 +30,7 @@ def metrics(client: httpx.Client) -> str:
     return client.get("/metrics").text
 
 
+@pytest.mark.slow
 def test_overload_answers_429_with_retry_after_and_counts_it(server: ServerProcess, client: httpx.Client) -> None:
     def one(_: int) -> httpx.Response:
         with httpx.Client(base_url=server.url, timeout=120.0) as own:
@@ -54,6 +55,7 @@ def test_overload_answers_429_with_retry_after_and_counts_it(server: ServerProce
     assert metric(text, "anydoor_queue_depth") == 0
 
 
+@pytest.mark.slow
 def test_disconnected_clients_leave_the_queue_and_stop_the_worker(server: ServerProcess,
                                                                   client: httpx.Client) -> None:
     steps = lambda: metric(metrics(client), "anydoor_denoising_steps_total")  # noqa: E731

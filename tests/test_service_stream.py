@@ -48,6 +48,7 @@ def stream(client: httpx.Client, data: dict[str, str], files: Any = None) -> htt
     return client.post("/predict", files=files or case_a_files(), data=data, headers=STREAM)
 
 
+@pytest.mark.slow
 def test_events_in_order_then_the_same_result_as_json(client: httpx.Client) -> None:
     data = {"steps": "3", "seed": "11"}
     response = stream(client, data)
@@ -66,6 +67,7 @@ def test_events_in_order_then_the_same_result_as_json(client: httpx.Client) -> N
     assert set(result["timings_ms"]) == set(plain["timings_ms"])
 
 
+@pytest.mark.slow
 def test_queue_positions_decrease_while_waiting(server: ServerProcess, client: httpx.Client) -> None:
     ahead = [raw_predict(server.url, case_a_files(), {"steps": "2"}) for _ in range(2)]
     try:
@@ -80,6 +82,7 @@ def test_queue_positions_decrease_while_waiting(server: ServerProcess, client: h
     assert events[-1][0] == "result"
 
 
+@pytest.mark.slow
 def test_admission_and_validation_errors_keep_their_status(client: httpx.Client) -> None:
     bad = stream(client, {"steps": "0"})
     assert bad.status_code == 422 and bad.json()["error"] == "out_of_range"
@@ -87,6 +90,7 @@ def test_admission_and_validation_errors_keep_their_status(client: httpx.Client)
     assert empty.status_code == 422 and empty.json()["field"] == "box"
 
 
+@pytest.mark.slow
 def test_a_failure_after_the_stream_started_is_an_error_event(server: ServerProcess, client: httpx.Client) -> None:
     """Queue timeout 8 s: a request behind a long one gets its queued events, then an error event (504's body)."""
     long = raw_predict(server.url, case_a_files(), {"steps": "1000"})
@@ -104,6 +108,7 @@ def test_a_failure_after_the_stream_started_is_an_error_event(server: ServerProc
     wait_for(lambda: metric(client.get("/metrics").text, "anydoor_running_jobs") == 0)
 
 
+@pytest.mark.slow
 def test_closing_the_stream_cancels_the_job(server: ServerProcess, client: httpx.Client) -> None:
     before = metric(client.get("/metrics").text, "anydoor_requests_failed_total", reason="cancelled")
     request = encode_multipart(server.url, case_a_files(), {"steps": "300"}, STREAM)
@@ -122,6 +127,7 @@ def test_closing_the_stream_cancels_the_job(server: ServerProcess, client: httpx
     assert metric(client.get("/metrics").text, "anydoor_requests_failed_total", reason="cancelled") > before
 
 
+@pytest.mark.slow
 def test_many_streams_at_once_all_end_with_one_result(client: httpx.Client, server: ServerProcess) -> None:
     results: list[list[str]] = []
 
