@@ -28,7 +28,7 @@ from model.pipeline.warmup import warmup_request
 from model.spec.codecs import Wire, decode_request
 from model.spec.files import LocalFiles
 from model.spec.inputs import INPUT_FIELDS
-from model.spec.params import param_specs
+from model.spec.params import OUTPUT_FORMATS, param_specs
 from service.settings import Settings
 
 _SPECS = {spec.name: spec for spec in param_specs()}
@@ -44,9 +44,11 @@ def _input(name: str) -> Any:
         return Input(default=None, description=field.help)
     spec = _SPECS[name]
     kwargs: dict[str, Any] = {"default": spec.default, "description": spec.help}
+    cast = int if spec.kind == "int" else float
     if spec.ge is not None:
-        cast = int if spec.kind == "int" else float
-        kwargs.update(ge=cast(spec.ge), le=cast(spec.le))
+        kwargs["ge"] = cast(spec.ge)
+    if spec.le is not None:
+        kwargs["le"] = cast(spec.le)
     if spec.choices:
         kwargs["choices"] = list(spec.choices)
     return Input(**kwargs)
@@ -87,8 +89,11 @@ class Predictor(BaseRunner):
         blend_start: float = _input("blend_start"),
         feather: int = _input("feather"),
         harmonize: float = _input("harmonize"),
+        output_format: str = _input("output_format"),
+        output_quality: int = _input("output_quality"),
     ) -> Path:
-        """Insert the object of ``reference`` into each target region of ``background``; returns a PNG."""
+        """Insert the object of ``reference`` into each target region of ``background``; returns the image in
+        ``output_format`` (a PNG by default)."""
         values = dict(locals())
         limits = self.settings.limits
         # The spec's codecs decode Cog's arguments as every surface's: lists are repeated fields, text targets
@@ -111,7 +116,8 @@ class Predictor(BaseRunner):
             self.record_metric(f"timing.{stage}", round(seconds, 4))
         print(f"seed={result.seed} regions={result.regions} {timings_text(result.timings)}", flush=True)
 
-        fd, name = tempfile.mkstemp(suffix=".png", prefix="anydoor-", dir=self.out_dir)
+        suffix = OUTPUT_FORMATS[params.output_format][1]
+        fd, name = tempfile.mkstemp(suffix=suffix, prefix="anydoor-", dir=self.out_dir)
         with os.fdopen(fd, "wb") as f:
-            f.write(result.to_png())
+            f.write(result.encode(params.output_format, params.output_quality))
         return Path(name)

@@ -24,7 +24,8 @@ from starlette.types import Receive
 
 from model.errors import ErrorCode, InputError
 from model.pipeline import STAGES, GenerationInputs, GenerationParams, Job
-from model.pipeline.result import server_timing
+from model.pipeline.result import Scores, server_timing
+from model.spec.params import OUTPUT_FORMATS
 from service.errors import ServiceError, client_gone, overloaded, queue_timeout
 from service.metrics import Metrics
 from service.settings import Settings
@@ -70,7 +71,7 @@ class PreparedRequest:
 
 @dataclass(frozen=True)
 class Prediction:
-    png: bytes
+    data: bytes  # the image, encoded as the request's output_format asks
     seed: int
     width: int
     height: int
@@ -78,6 +79,8 @@ class Prediction:
     boxes: tuple[tuple[int, int, int, int], ...]
     demo: bool
     timings: dict[str, float]  # seconds, keys in TIMING_NAMES
+    scores: Scores | None = None
+    media_type: str = "image/png"
 
     def server_timing(self) -> str:
         return server_timing(self.timings)
@@ -308,7 +311,9 @@ class InferenceService:
             raise outcome
 
         t_png = time.perf_counter()
-        png = await anyio.to_thread.run_sync(outcome.to_png, limiter=self._limiter)
+        params = prepared.work.params
+        data = await anyio.to_thread.run_sync(functools.partial(outcome.encode, params.output_format,
+                                                                params.output_quality), limiter=self._limiter)
         stages = outcome.timings
         assert job.started_at is not None
         timings = {"queue": job.started_at - job.enqueued_at}
@@ -319,8 +324,8 @@ class InferenceService:
             self.metrics.stage_duration.labels(stage).observe(timings[stage])
         self.metrics.inference_duration.observe(timings["total"])
         width, height = outcome.image.size
-        return Prediction(png, outcome.seed, width, height, outcome.regions, tuple(outcome.boxes), outcome.is_demo,
-                          timings)
+        return Prediction(data, outcome.seed, width, height, outcome.regions, tuple(outcome.boxes), outcome.is_demo,
+                          timings, outcome.scores, OUTPUT_FORMATS[params.output_format][0])
 
     async def _wait(self, job: QueuedJob, receive: Receive | None, events: EventSink | None) -> Outcome:
         """The job's outcome; raises 499 if the client leaves, 504 if the job does not start in time."""

@@ -19,6 +19,7 @@ from PIL import Image
 
 from model.diffusion.samplers import SAMPLERS
 from tests.support.server import (
+    CASE_A,
     ServerProcess,
     case_a_files,
     metric,
@@ -31,7 +32,7 @@ from tests.support.server import (
 
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-STAGES = ["queue", "preprocess", "encode", "sample", "decode", "postprocess", "total"]
+STAGES = ["queue", "preprocess", "encode", "sample", "decode", "postprocess", "score", "total"]
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +128,33 @@ def test_png_with_headers_same_seed_same_bytes_and_json_variant(client: httpx.Cl
     assert body["request_id"] == as_json.headers["x-request-id"]
     assert list(body["timings_ms"]) == STAGES
     assert as_json.headers["x-seed"] == "1234" and "server-timing" in as_json.headers
+    scores = body["scores"]
+    assert len(scores["region_identity"]) == 1 and -1 <= scores["identity"] <= 1
+    assert scores["identity"] == pytest.approx(scores["region_identity"][0], abs=1e-6)
+    # The background PSNR, recomputed here from what was sent and what came back, outside the mask's region.
+    result = np.asarray(image.convert("RGB"), dtype=np.float64)
+    sent = np.asarray(background.convert("RGB"), dtype=np.float64)
+    outside = np.asarray(Image.open(CASE_A / "background_mask.png").convert("L")) <= 128
+    mse = ((result - sent)[outside] ** 2).mean()
+    assert scores["background_psnr"] == pytest.approx(10 * np.log10(255**2 / mse), abs=0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("fmt", "media", "pil"), [("jpeg", "image/jpeg", "JPEG"), ("webp", "image/webp", "WEBP")])
+def test_output_format_sets_the_type_and_keeps_the_seed(client: httpx.Client, fmt: str, media: str, pil: str) -> None:
+    from model.pipeline.result import read_metadata
+
+    response = predict(client, data={"seed": "77", "output_format": fmt, "output_quality": "70"})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == media
+    image = Image.open(io.BytesIO(response.content))
+    assert image.format == pil and read_metadata(image)["anydoor:seed"] == "77"
+    as_json = predict(client, data={"seed": "77", "output_format": fmt, "output_quality": "70"},
+                      headers={"Accept": "application/json"})
+    body = as_json.json()
+    assert body["media_type"] == media and base64.b64decode(body["image"]) == response.content
+    refused = predict(client, data={"output_format": "gif"})
+    assert_error(refused, 422, "invalid_parameter", "output_format")
 
 
 @pytest.mark.slow
@@ -296,7 +324,7 @@ def test_openapi_describes_the_predict_api(client: httpx.Client) -> None:
     assert set(body["required"]) == {"reference", "background"}
     assert body["properties"]["steps"]["minimum"] == 1 and body["properties"]["steps"]["maximum"] == 1000
     ok = operation["responses"]["200"]
-    assert set(ok["content"]) == {"image/png", "application/json", "text/event-stream"}
+    assert set(ok["content"]) == {"image/png", "image/jpeg", "image/webp", "application/json", "text/event-stream"}
     assert {"X-Request-ID", "X-Seed", "Server-Timing"} <= set(ok["headers"])
     assert {"401", "413", "422", "429", "503", "504"} <= set(operation["responses"])
     assert "PredictResponse" in schema["components"]["schemas"]

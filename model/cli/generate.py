@@ -93,9 +93,19 @@ def register(sub: Any) -> None:
     add_load_arguments(p, device_help=DEVICE_HELP)
     add_spec_arguments(p)
     add_limit_arguments(p)
-    p.add_argument("-o", "--output", required=True, type=Path, help="output PNG path")
+    p.add_argument("-o", "--output", required=True, type=Path,
+                   help="output image path; without --output-format its extension picks the format (.jpg/.jpeg: "
+                   "jpeg, .webp: webp, anything else: png)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, output_format=None)  # None: from the -o extension (format_of_path)
+    for action in p._actions:
+        if action.dest == "output_format" and action.help:
+            action.help = action.help.replace("[default: png]", "[default: from -o's extension, else png]")
+
+
+def format_of_path(path: Path) -> str:
+    """The output format an ``-o`` path's extension names (png for any other)."""
+    return {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(path.suffix.lower(), "png")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"anydoor generate: error: {exc}", file=sys.stderr)
         return 2
     spec = load_spec_of(args)
+    if args.output_format is None:
+        args.output_format = format_of_path(args.output)
     try:
         inputs, params = spec_values(args, limits)
         if params.refine_reference_mask and not spec.mask_refine_weights:
@@ -135,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_bytes(result.to_png())
+    args.output.write_bytes(result.encode(params.output_format, params.output_quality))
     print(f"wrote {args.output} ({result.image.width}x{result.image.height}, {result.regions} region(s), "
           f"seed {result.seed})")
     print("timings: " + timings_text(result.timings))

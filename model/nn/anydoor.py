@@ -221,6 +221,13 @@ class AnyDoorModel(nn.Module):
             return self.cond_stage_model(images.to(self.device)).float()
 
     @torch.no_grad()
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, 224, 224) in [0, 1] -> (B, C) float32: DINOv2's class-token features, the identity
+        embedding of :mod:`model.pipeline.scores` (the backbone's output, before the projection to context)."""
+        with self.autocast():
+            return self.cond_stage_model.features(images.to(self.device))[:, 0].float()
+
+    @torch.no_grad()
     def uncond_tokens(self, batch: int = 1) -> torch.Tensor:
         """Tokens of an all-zero image, the unconditional branch of guidance; computed once per loaded model."""
         key = (self.device, self.compute_dtype)

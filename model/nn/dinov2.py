@@ -177,6 +177,10 @@ class DinoV2Encoder(nn.Module):
         self.image_std = torch.tensor(IMAGENET_STD, device=device).reshape(1, 3, 1, 1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.features(images))  # (B, 1 + N, context_dim)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) in [0, 1] -> the backbone's (B, 1 + N, C) tokens: [class token, patch tokens], final-normed."""
         expected = (3, self.input_size, self.input_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(
@@ -184,8 +188,7 @@ class DinoV2Encoder(nn.Module):
                 f"got {tuple(images.shape)}"
             )
         x = (images - self.image_mean) / self.image_std  # (B, 3, S, S)
-        tokens = self.model.forward_features(x)  # (B, 1 + N, C): [class token, patch tokens], both final-normed
-        return self.projector(tokens)  # (B, 1 + N, context_dim)
+        return self.model.forward_features(x)
 
 
 __all__ = ["DinoV2Encoder", "VisionTransformer", "swiglu_hidden_width"]

@@ -24,6 +24,7 @@ class Job:
     boxes: tuple[Box, ...]  # each region's target box (x, y, w, h) in background pixels
     noise: torch.Tensor  # (R, 4, h, w) float32, on the CPU
     preprocess_s: float
+    targets: np.ndarray | None = None  # the union of the target regions, packed 1 bit a pixel (scores.pack_targets)
 
     @property
     def seed(self) -> int:

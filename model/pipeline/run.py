@@ -38,7 +38,8 @@ from model.nn.anydoor import AnyDoorModel, resolve_device
 from model.nn.mask_refine import MaskRefiner
 from model.pipeline.job import Job, freeze
 from model.pipeline.params import PARAM_NAMES, GenerationInputs, GenerationParams
-from model.pipeline.result import STAGES, GenerationResult
+from model.pipeline.result import STAGES, GenerationResult, Scores
+from model.pipeline.scores import background_psnr, identity_scores, pack_targets, region_view, unpack_targets
 from model.spec.inputs import check_reference_count
 from model.spec.limits import Limits
 
@@ -192,13 +193,15 @@ class AnyDoorPipeline:
                   "crop_expand_ratio": params.crop_expand_ratio}
         regions: list[PreparedInputs] = []
         boxes: list[tuple[int, int, int, int]] = []
+        union = np.zeros((height, width), dtype=bool)  # where the regions are: the background score skips it
         for index, target in enumerate(targets):
             ref_rgb, ref_mask = objects[index if len(objects) > 1 else 0]
             regions.append(prepare_inputs(ref_rgb, ref_mask, bg, target, shape_control=params.shape_control, **ratios))
             boxes.append(_xywh(bbox_from_mask(target)))
+            union |= target
         noise = self._initial_noise(seed, len(regions), initial_noise)
         return Job(params.with_seed(seed), freeze(bg), tuple(regions), tuple(boxes), noise,
-                   time.perf_counter() - start)
+                   time.perf_counter() - start, pack_targets(union))
 
     def _reference(self, reference: ImageSource, mask: ImageSource | None, params: GenerationParams,
                    max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -256,13 +259,39 @@ class AnyDoorPipeline:
             for job in group:
                 pasted[id(job)] = self._paste(job, decoded, stage_s)
 
+        scores = self._score(jobs, pasted, stage_s)
         results = []
         for job in jobs:
             timings = stage_s[id(job)]
             timings["total"] = sum(timings.get(stage, 0.0) for stage in STAGES)
             results.append(GenerationResult(Image.fromarray(pasted[id(job)]), job.seed, timings, len(job.regions),
-                                            self.is_demo, job.boxes))
+                                            self.is_demo, job.boxes, scores[id(job)]))
         return results
+
+    def _score(self, jobs: Sequence[Job], pasted: dict[int, np.ndarray], stage_s: dict[int, dict[str, float]]
+               ) -> dict[int, Scores]:
+        """Every job's :class:`Scores`: one identity-encoder pass over all regions of the batch (references and
+        generated crops together), and the background PSNR of each job; the time is each job's ``score`` stage."""
+        t0 = time.perf_counter()
+        size = self.model.config.dino.input_size
+        items = [(job, i) for job in jobs for i in range(len(job.regions))]
+        identity: list[float] = []
+        for start in range(0, len(items), self.max_batch_items):
+            chunk = items[start:start + self.max_batch_items]
+            identity += identity_scores(self.model.embed_images, [job.regions[i].ref_u8 for job, i in chunk],
+                                        [region_view(pasted[id(job)], job.boxes[i], size) for job, i in chunk])
+        scores, at = {}, 0
+        for job in jobs:
+            count = len(job.regions)
+            targets = (unpack_targets(job.targets, job.background.shape[:2]) if job.targets is not None
+                       else np.zeros(job.background.shape[:2], dtype=bool))
+            scores[id(job)] = Scores(tuple(identity[at:at + count]),
+                                     background_psnr(pasted[id(job)], job.background, targets))
+            at += count
+        share = (time.perf_counter() - t0) / len(jobs)
+        for job in jobs:
+            stage_s[id(job)]["score"] = share
+        return scores
 
     def _pass(self, items: Sequence[tuple[Job, int]], stage_s: dict[int, dict[str, float]],
               progress: ProgressFn | None, should_cancel: CancelFn | None,

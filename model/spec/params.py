@@ -22,6 +22,9 @@ SAMPLER_DESCRIPTIONS: dict[str, str] = {
     "ddim": "DDIM, eta 0 (Song et al. 2020): upstream's sampler",
     "dpmpp_2m": "DPM-Solver++(2M) (Lu et al. 2022): similar quality in fewer steps",
 }
+# The answer's image formats: media type and file extension (model.pipeline.result encodes them).
+OUTPUT_FORMATS: dict[str, tuple[str, str]] = {
+    "png": ("image/png", ".png"), "jpeg": ("image/jpeg", ".jpg"), "webp": ("image/webp", ".webp")}
 # Kept as a name: older code and docs call the field spec a ParamSpec.
 ParamSpec = FieldSpec
 
@@ -74,6 +77,13 @@ class GenerationParams:
         0.0, "Harmonising pass: after pasting, the crop is noised to this fraction of the schedule and denoised "
         "again with the same conditioning and the background kept (SDEdit); 0 turns it off.", "float",
         ge=0.0, le=0.3)
+    output_format: str = spec_field(
+        "png", "The answer's image format: `png` (lossless), `jpeg` or `webp` (lossy, `output_quality`; several "
+        "times smaller and faster to encode for large backgrounds). The seed and the demo label are in its "
+        "metadata (PNG text chunks; EXIF for JPEG and WebP).", "choice", choices=tuple(OUTPUT_FORMATS))
+    output_quality: int = spec_field(
+        90, "With `output_format` `jpeg` or `webp`: the encoder's quality, 1 (smallest) to 100 (best); ignored "
+        "for `png`.", "int", ge=1, le=100)
 
     def __post_init__(self) -> None:
         for spec in param_specs():

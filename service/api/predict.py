@@ -28,9 +28,9 @@ from model.pipeline.result import TIMING_NAMES
 from model.spec.codecs import FilePart, RawRequest, Wire, collect, decode_params, inputs_of
 from model.spec.inputs import FILE_FIELDS, INPUT_FIELDS, GenerationInputs
 from model.spec.limits import Limits
-from model.spec.params import GenerationParams, param_specs
+from model.spec.params import OUTPUT_FORMATS, GenerationParams, param_specs
 from service.api.deps import get_service
-from service.api.schemas import ErrorBody, PredictResponse, Timings
+from service.api.schemas import ErrorBody, PredictResponse, ScoresBody, Timings
 from service.errors import ServiceError, client_gone, codes_with_status, generation_failed, payload_too_large
 from service.inference import Prediction
 from service.middleware import BODY_END_KEY, TICKET_KEY, request_id_of
@@ -73,15 +73,18 @@ def _error(status: int, summary: str) -> dict[str, Any]:
     return {"model": ErrorBody, "description": f"{summary}: {codes}."}
 
 
+IMAGE_TYPES = tuple(media for media, _ in OUTPUT_FORMATS.values())  # image/png, image/jpeg, image/webp
+
 PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "model": PredictResponse,
-        "description": "The background with the object inserted, the size of the background. PNG by default; "
-        "with `Accept: application/json`, a JSON body with the PNG in base64; with `Accept: text/event-stream`, "
+        "description": "The background with the object inserted, the size of the background, in `output_format` (PNG "
+        "by default); with `Accept: application/json`, a JSON body with the image in base64; with "
+        "`Accept: text/event-stream`, "
         "Server-Sent Events: `queued` {position}, `started`, `progress` {step, total, elapsed_s}, then exactly one "
         "`result` (the JSON answer) or `error` (the JSON error body). Errors found before the stream starts keep "
         "their status codes.",
-        "content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
+        "content": {**{media: {"schema": {"type": "string", "format": "binary"}} for media in IMAGE_TYPES},
                     "text/event-stream": {"schema": {"type": "string"}}},
         "headers": {
             "X-Request-ID": {"description": "The client's X-Request-ID if it sent a plain one, else a new id.",
@@ -280,7 +283,8 @@ async def _read_upload(name: str, upload: UploadFile, limit: int) -> bytes:
 
 
 def wants_json(accept: str) -> bool:
-    """Content negotiation between PNG (the default) and JSON, by the q-values of the Accept header."""
+    """Content negotiation between the image (the default; its format is the request's ``output_format``) and
+    JSON, by the q-values of the Accept header."""
     json_q = png_q = wildcard_q = 0.0
     for item in accept.split(","):
         media, *options = (part.strip().lower() for part in item.split(";"))
@@ -293,7 +297,7 @@ def wants_json(accept: str) -> bool:
                     q = 0.0
         if media == "application/json":
             json_q = max(json_q, q)
-        elif media == "image/png":
+        elif media in IMAGE_TYPES:
             png_q = max(png_q, q)
         elif media in ("image/*", "*/*"):
             wildcard_q = max(wildcard_q, q)
@@ -307,16 +311,18 @@ def _reply(prediction: Prediction, request_id: str, accept: str) -> Response:
     if prediction.demo:
         headers["X-AnyDoor-Demo"] = "true"
     if not wants_json(accept):
-        return Response(prediction.png, media_type="image/png", headers=headers)
+        return Response(prediction.data, media_type=prediction.media_type, headers=headers)
     return JSONResponse(json_body(prediction, request_id), headers=headers)
 
 
 def json_body(prediction: Prediction, request_id: str) -> dict[str, Any]:
     """The JSON answer (also the ``result`` of the event stream)."""
     body = PredictResponse(
-        image=base64.b64encode(prediction.png).decode("ascii"), width=prediction.width, height=prediction.height,
+        image=base64.b64encode(prediction.data).decode("ascii"), media_type=prediction.media_type,  # type: ignore[arg-type]
+        width=prediction.width, height=prediction.height,
         seed=prediction.seed, regions=prediction.regions, boxes=[list(b) for b in prediction.boxes],
         demo=prediction.demo, request_id=request_id,
         timings_ms=Timings(**{name: round(prediction.timings[name] * 1000, 3) for name in TIMING_NAMES}),
+        scores=None if prediction.scores is None else ScoresBody.model_validate(prediction.scores.to_dict()),
     )
     return body.model_dump()

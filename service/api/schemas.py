@@ -35,14 +35,30 @@ class Timings(BaseModel):
     sample: float = Field(description="Denoising (the sampler's steps).")
     decode: float = Field(description="VAE decoding.")
     postprocess: float = Field(description="Pasting back into the background, PNG encoding.")
+    score: float = Field(description="The identity and background scores (one DINOv2 pass over the regions).")
     total: float = Field(description="From the end of the upload to the response.")
+
+
+class ScoresBody(BaseModel):
+    """How faithful the result is. With demo weights the identity is meaningless."""
+
+    identity: float = Field(description="Mean over the regions of `region_identity`: the ranking score.")
+    region_identity: list[float] = Field(
+        description="Per region, in region order: the cosine similarity in [-1, 1] of DINOv2's class-token "
+                    "features of the reference as the model sees it (masked, on white, 224x224) and of the "
+                    "generated region (its box cut from the result, padded with white to a square).")
+    background_psnr: float | None = Field(
+        description="PSNR in dB (peak 255) of the result against the background over every pixel outside the "
+                    "target regions (the boxes, or the mask's regions); null where those pixels are unchanged.")
 
 
 class PredictResponse(BaseModel):
     """The JSON variant of a /predict answer (request it with `Accept: application/json`)."""
 
-    image: str = Field(description="The PNG, base64-encoded (standard alphabet, padded).")
-    media_type: Literal["image/png"] = "image/png"
+    image: str = Field(description="The image in `output_format` (PNG by default), base64-encoded (standard "
+                       "alphabet, padded).")
+    media_type: Literal["image/png", "image/jpeg", "image/webp"] = Field(
+        "image/png", description="The image's media type, following `output_format`.")
     width: int = Field(description="Equal to the background's width.")
     height: int = Field(description="Equal to the background's height.")
     seed: int = Field(description="The seed used; send it back to reproduce the image.")
@@ -52,6 +68,7 @@ class PredictResponse(BaseModel):
     demo: bool = Field(description="True in demo mode: the image comes from a tiny random model, not AnyDoor.")
     request_id: str
     timings_ms: Timings
+    scores: ScoresBody | None = Field(default=None, description="The result's identity and background scores.")
 
 
 class ModelInfo(BaseModel):
