@@ -89,11 +89,12 @@ class Predictor(BaseRunner):
         blend_start: float = _input("blend_start"),
         feather: int = _input("feather"),
         harmonize: float = _input("harmonize"),
+        num_outputs: int = _input("num_outputs"),
         output_format: str = _input("output_format"),
         output_quality: int = _input("output_quality"),
-    ) -> Path:
-        """Insert the object of ``reference`` into each target region of ``background``; returns the image in
-        ``output_format`` (a PNG by default)."""
+    ) -> list[Path]:
+        """Insert the object of ``reference`` into each target region of ``background``; returns the images in
+        ``output_format`` (a PNG by default): ``num_outputs`` candidates, best first (one for a single output)."""
         values = dict(locals())
         limits = self.settings.limits
         # The spec's codecs decode Cog's arguments as every surface's: lists are repeated fields, text targets
@@ -110,14 +111,21 @@ class Predictor(BaseRunner):
                 print(f"step {step}/{steps}", flush=True)
 
         result = self.pipe.generate(inputs, params, progress=progress, limits=limits)
+        ranked = result.candidates or (result,)
         self.record_metric("seed", result.seed)
+        self.record_metric("seeds", [r.seed for r in ranked])
         self.record_metric("regions", result.regions)
+        if result.scores is not None:
+            self.record_metric("scores", [r.scores.to_dict() if r.scores is not None else None for r in ranked])
         for stage, seconds in result.timings.items():
             self.record_metric(f"timing.{stage}", round(seconds, 4))
         print(f"seed={result.seed} regions={result.regions} {timings_text(result.timings)}", flush=True)
 
         suffix = OUTPUT_FORMATS[params.output_format][1]
-        fd, name = tempfile.mkstemp(suffix=suffix, prefix="anydoor-", dir=self.out_dir)
-        with os.fdopen(fd, "wb") as f:
-            f.write(result.encode(params.output_format, params.output_quality))
-        return Path(name)
+        paths = []
+        for candidate in ranked:
+            fd, name = tempfile.mkstemp(suffix=suffix, prefix="anydoor-", dir=self.out_dir)
+            with os.fdopen(fd, "wb") as f:
+                f.write(candidate.encode(params.output_format, params.output_quality))
+            paths.append(Path(name))
+        return paths

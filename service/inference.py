@@ -67,6 +67,16 @@ POSITION_POLL_S = 0.25  # how often a streaming request's queue position is look
 class PreparedRequest:
     work: Job
     t0: float  # when preprocessing began (perf_counter), for the total
+    candidates: tuple[Job, ...] = ()  # the other candidates' jobs (num_outputs > 1)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One of a request's candidates (num_outputs > 1), encoded like the answer."""
+
+    data: bytes
+    seed: int
+    scores: Scores | None
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,7 @@ class Prediction:
     timings: dict[str, float]  # seconds, keys in TIMING_NAMES
     scores: Scores | None = None
     media_type: str = "image/png"
+    candidates: tuple[Candidate, ...] = ()  # with num_outputs > 1: all of them, best first (the first is this one)
 
     def server_timing(self) -> str:
         return server_timing(self.timings)
@@ -286,7 +297,7 @@ class InferenceService:
             )
         except InputError as exc:
             raise ServiceError.from_input_error(exc) from None
-        return PreparedRequest(work, t0)
+        return PreparedRequest(work[0], t0, tuple(work[1:]))
 
     async def execute(self, prepared: PreparedRequest, *, request_id: str, receive: Receive | None,
                       ticket: Slot | None = None, events: EventSink | None = None) -> Prediction:
@@ -302,7 +313,7 @@ class InferenceService:
         if events is not None:
             def sink(name: str, data: dict[str, Any]) -> None:  # called from the worker thread
                 loop.call_soon_threadsafe(events, name, data)
-        job = QueuedJob(request_id, prepared.work, loop, loop.create_future(),
+        job = QueuedJob(request_id, prepared.work, loop, loop.create_future(), candidates=prepared.candidates,
                         deadline=time.monotonic() + self.settings.queue_timeout_s,
                         on_start=ticket.release if ticket is not None else None, events=sink)
         self.worker.submit(job)
@@ -312,8 +323,15 @@ class InferenceService:
 
         t_png = time.perf_counter()
         params = prepared.work.params
-        data = await anyio.to_thread.run_sync(functools.partial(outcome.encode, params.output_format,
-                                                                params.output_quality), limiter=self._limiter)
+        ranked = outcome.candidates or (outcome,)
+
+        def encode_all() -> list[bytes]:
+            return [result.encode(params.output_format, params.output_quality) for result in ranked]
+
+        encoded = await anyio.to_thread.run_sync(encode_all, limiter=self._limiter)
+        data = encoded[0]
+        candidates = tuple(Candidate(blob, result.seed, result.scores)
+                           for blob, result in zip(encoded, ranked, strict=True)) if outcome.candidates else ()
         stages = outcome.timings
         assert job.started_at is not None
         timings = {"queue": job.started_at - job.enqueued_at}
@@ -325,7 +343,7 @@ class InferenceService:
         self.metrics.inference_duration.observe(timings["total"])
         width, height = outcome.image.size
         return Prediction(data, outcome.seed, width, height, outcome.regions, tuple(outcome.boxes), outcome.is_demo,
-                          timings, outcome.scores, OUTPUT_FORMATS[params.output_format][0])
+                          timings, outcome.scores, OUTPUT_FORMATS[params.output_format][0], candidates)
 
     async def _wait(self, job: QueuedJob, receive: Receive | None, events: EventSink | None) -> Outcome:
         """The job's outcome; raises 499 if the client leaves, 504 if the job does not start in time."""

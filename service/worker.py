@@ -39,6 +39,7 @@ from model.diffusion.samplers import ProgressFn
 from model.errors import Cancelled, ErrorCode, InputError
 from model.nn.anydoor import dtype_name
 from model.pipeline import GenerationInputs, GenerationParams, GenerationResult, Job
+from model.pipeline.result import rank_candidates
 from model.pipeline.warmup import warmup_request
 from model.spec.limits import Limits
 from service.errors import (
@@ -74,6 +75,9 @@ class Pipeline(Protocol):
     def prepare(self, inputs: GenerationInputs, params: GenerationParams, *,
                 limits: Limits | None = None) -> Job: ...
 
+    def prepare_candidates(self, inputs: GenerationInputs, params: GenerationParams, *,
+                           limits: Limits | None = None) -> Sequence[Job]: ...
+
     def run(self, jobs: Sequence[Job], *, progress: ProgressFn | None = None,
             should_cancel: Callable[[], bool] | None = None) -> list[GenerationResult]: ...
 
@@ -101,6 +105,18 @@ class QueuedJob:
     on_start: Callable[[], None] | None = None  # called (on the worker thread) when the job leaves the queue to run
     # Progress events for a streaming client, called from the worker thread: ("started" | "progress", data).
     events: Callable[[str, dict[str, Any]], None] | None = None
+    # The request's other candidates (num_outputs > 1): they run in the same batch as ``work`` and the request is
+    # answered with the best of all (rank_candidates).
+    candidates: tuple[Job, ...] = ()
+
+    @property
+    def jobs(self) -> tuple[Job, ...]:
+        return (self.work, *self.candidates)
+
+    @property
+    def size(self) -> int:
+        """Batch items: target regions times candidates, what counts against ``max_batch``."""
+        return sum(len(job.regions) for job in self.jobs)
 
     def resolve(self, outcome: Outcome) -> None:
         """Hand ``outcome`` to the waiting request (from any thread). A request that is gone ignores it."""
@@ -171,12 +187,15 @@ class GpuWorker:
 
     # --- the request side -------------------------------------------------------------------------------------
 
-    def prepare(self, inputs: GenerationInputs, params: GenerationParams, *, limits: Limits) -> Job:
-        """Validate and preprocess one request (CPU only, any thread): :meth:`AnyDoorPipeline.prepare`."""
+    def prepare(self, inputs: GenerationInputs, params: GenerationParams, *, limits: Limits) -> list[Job]:
+        """Validate and preprocess one request (CPU only, any thread): its jobs, one per candidate
+        (:meth:`AnyDoorPipeline.prepare_candidates`)."""
         pipe = self.pipeline
         if pipe is None:
             raise RuntimeError("the model is not loaded yet")
-        return pipe.prepare(inputs, params, limits=limits)
+        if params.num_outputs > 1:
+            return list(pipe.prepare_candidates(inputs, params, limits=limits))
+        return [pipe.prepare(inputs, params, limits=limits)]
 
     def submit(self, job: QueuedJob) -> None:
         """Queue ``job``; raise 429 ``overloaded`` when the queue is full, 503 when shutting down."""
@@ -281,19 +300,19 @@ class GpuWorker:
                         return []
                     self._cond.wait()
             taken = [first]
-            size = len(first.work.regions)
+            size = first.size
             key = first.work.batch_key
             wait_until = time.monotonic() + self.batch_delay_s
             while size < self.max_batch:
                 room = self.max_batch - size
 
                 def fits(job: QueuedJob, room: int = room) -> bool:
-                    return job.work.batch_key == key and len(job.work.regions) <= room
+                    return job.work.batch_key == key and job.size <= room
 
                 job = self._pop_startable(fits)
                 if job is not None:
                     taken.append(job)
-                    size += len(job.work.regions)
+                    size += job.size
                     continue
                 remaining = wait_until - time.monotonic()
                 if remaining <= 0 or self._stopping or self._drain_expired():
@@ -343,11 +362,15 @@ class GpuWorker:
         failure: ServiceError | None = None
         out_of_memory = False
         try:
-            outputs = pipe.run([job.work for job in jobs], progress=self._on_step,
+            flat = [work for job in jobs for work in job.jobs]
+            outputs = pipe.run(flat, progress=self._on_step,
                                should_cancel=functools.partial(self._batch_cancelled, jobs))
-            if len(outputs) != len(jobs):
-                raise RuntimeError(f"run returned {len(outputs)} results for {len(jobs)} jobs")
-            results = outputs
+            if len(outputs) != len(flat):
+                raise RuntimeError(f"run returned {len(outputs)} results for {len(flat)} jobs")
+            results, at = [], 0
+            for job in jobs:  # each request gets the best of its candidates, carrying all of them
+                results.append(rank_candidates(outputs[at:at + len(job.jobs)]))
+                at += len(job.jobs)
         except Cancelled:
             failure = shutting_down() if self._drain_expired() else client_gone()
             log.info("stopped %s at a denoising step: %s", _ids(jobs), failure.message)

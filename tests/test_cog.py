@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
@@ -158,7 +159,8 @@ def test_health_check_reports_setup_succeeded(server: CogServer) -> None:
 def test_prediction_succeeds_with_a_png_and_the_seed_reproduces_it(server: CogServer) -> None:
     first = server.predict(**inputs(seed=7))
     assert first["status"] == "succeeded", f"{first.get('error')}\n{server.logs()}"
-    png = decode_png(first["output"])
+    assert isinstance(first["output"], list) and len(first["output"]) == 1  # a list of files, as multi-output models
+    png = decode_png(first["output"][0])
     image = Image.open(io.BytesIO(png))
     background = Image.open(CASE / "background.png")
     assert image.size == background.size and image.mode == "RGB"
@@ -169,11 +171,24 @@ def test_prediction_succeeds_with_a_png_and_the_seed_reproduces_it(server: CogSe
 
     again = server.predict(**inputs(seed=7))
     assert again["status"] == "succeeded"
-    assert decode_png(again["output"]) == png
+    assert decode_png(again["output"][0]) == png
 
     boxes = server.predict(**inputs(seed=7, background_mask=None, box="20,30,120,100"))
     assert boxes["status"] == "succeeded", boxes.get("error")
-    assert decode_png(boxes["output"]) != png
+    assert decode_png(boxes["output"][0]) != png
+
+
+@pytest.mark.slow
+def test_candidates_come_back_as_a_list_best_first(server: CogServer) -> None:
+    result = server.predict(**inputs(seed=20, num_outputs=2))
+    assert result["status"] == "succeeded", result.get("error")
+    assert len(result["output"]) == 2 and sorted(result["metrics"]["seeds"]) == [20, 21]
+    identity = [s["identity"] for s in result["metrics"]["scores"]]
+    assert identity == sorted(identity, reverse=True)
+    single = server.predict(**inputs(seed=result["metrics"]["seeds"][0]))
+    best = np.asarray(Image.open(io.BytesIO(decode_png(result["output"][0]))), dtype=np.int16)
+    alone = np.asarray(Image.open(io.BytesIO(decode_png(single["output"][0]))), dtype=np.int16)
+    assert np.abs(best - alone).max() <= 1
 
 
 @pytest.mark.slow

@@ -65,3 +65,16 @@ def test_an_explicit_format_wins_over_the_extension(tmp_path: Path) -> None:
                  str(CASE_A / "background.png"), "--box", "40,50,160,120", "--steps", "1", "--guidance-scale", "1",
                  "--quiet", "--device", "cpu", "--output-format", "jpeg", "-o", str(out)]) == 0
     assert Image.open(out).format == "JPEG"
+
+
+def test_generate_writes_every_candidate_best_first(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out.png"
+    assert main(["generate", "--demo", "--reference", str(CASE_A / "reference.png"), "--background",
+                 str(CASE_A / "background.png"), "--box", "40,50,160,120", "--steps", "1", "--guidance-scale", "1",
+                 "--seed", "30", "--num-outputs", "3", "--quiet", "--device", "cpu", "-o", str(out)]) == 0
+    files = [out, tmp_path / "out-2.png", tmp_path / "out-3.png"]
+    seeds = [int(read_metadata(Image.open(f))["anydoor:seed"]) for f in files]
+    assert sorted(seeds) == [30, 31, 32]
+    identity = [float(line.rsplit("identity ", 1)[1].rstrip(")")) for line in capsys.readouterr().out.splitlines()
+                if line.startswith("wrote")]
+    assert identity == sorted(identity, reverse=True) and len(identity) == 3

@@ -107,3 +107,24 @@ def test_scores_do_not_depend_on_the_batch(pipe: AnyDoorPipeline) -> None:
     assert alone.scores is not None and together.scores is not None
     assert together.scores.identity == pytest.approx(alone.scores.identity, abs=1e-3)
     assert together.scores.background_psnr == pytest.approx(alone.scores.background_psnr, abs=0.05)
+
+
+def test_candidate_k_is_the_single_request_with_seed_plus_k(pipe: AnyDoorPipeline) -> None:
+    inputs = GenerationInputs(CASE_A / "reference.png", CASE_A / "background.png", boxes=BOXES[:1])
+    best = pipe.generate(inputs, GenerationParams(steps=2, seed=40, num_outputs=3))
+    assert len(best.candidates) == 3 and best.candidates[0].seed == best.seed
+    assert sorted(c.seed for c in best.candidates) == [40, 41, 42]
+    identity = [c.scores.mean_identity for c in best.candidates if c.scores is not None]
+    assert identity == sorted(identity, reverse=True)
+    for candidate in best.candidates:
+        single = pipe.generate(inputs, GenerationParams(steps=2, seed=candidate.seed))
+        diff = np.abs(np.asarray(single.image, dtype=np.int16) - np.asarray(candidate.image, dtype=np.int16))
+        assert diff.max() <= 1 and not single.candidates
+
+
+def test_candidates_share_the_decoded_images(pipe: AnyDoorPipeline) -> None:
+    inputs = GenerationInputs(CASE_A / "reference.png", CASE_A / "background.png", boxes=BOXES)
+    jobs = pipe.prepare_candidates(inputs, GenerationParams(steps=2, seed=1, num_outputs=4))
+    assert [job.seed for job in jobs] == [1, 2, 3, 4]
+    assert all(job.background is jobs[0].background and job.regions is jobs[0].regions for job in jobs)
+    assert len({job.noise.sum().item() for job in jobs}) == 4

@@ -158,6 +158,31 @@ def test_output_format_sets_the_type_and_keeps_the_seed(client: httpx.Client, fm
 
 
 @pytest.mark.slow
+def test_candidates_are_ranked_and_each_reproducible(client: httpx.Client) -> None:
+    response = predict(client, data={"seed": "50", "num_outputs": "3"}, headers={"Accept": "application/json"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    candidates = body["candidates"]
+    assert sorted(c["seed"] for c in candidates) == [50, 51, 52]
+    identity = [c["scores"]["identity"] for c in candidates]
+    assert identity == sorted(identity, reverse=True) and all(-1 <= v <= 1 for v in identity)
+    assert all(c["scores"]["background_psnr"] > 0 for c in candidates)
+    assert body["image"] == candidates[0]["image"] and body["seed"] == candidates[0]["seed"]
+    assert response.headers["x-seed"] == str(candidates[0]["seed"])
+    best = predict(client, data={"seed": "50", "num_outputs": "3"})  # an image answer: the best one
+    assert best.headers["x-seed"] == str(candidates[0]["seed"])
+    second = candidates[1]
+    single = predict(client, data={"seed": str(second["seed"])})
+    assert single.status_code == 200 and "candidates" not in single.headers
+    a = np.asarray(Image.open(io.BytesIO(single.content)), dtype=np.int16)
+    b = np.asarray(Image.open(io.BytesIO(base64.b64decode(second["image"]))), dtype=np.int16)
+    assert np.abs(a - b).max() <= 1
+    one = predict(client, data={"seed": "50"}, headers={"Accept": "application/json"}).json()
+    assert one["candidates"] is None
+    assert_error(predict(client, data={"num_outputs": "9"}), 422, "out_of_range", "num_outputs")
+
+
+@pytest.mark.slow
 def test_boxes_and_a_random_seed(client: httpx.Client) -> None:
     files = case_a_files(mask=False)
     response = client.post("/predict", files=files, headers={**AUTH, "Accept": "application/json"},

@@ -244,7 +244,10 @@ def test_controls_are_generated_from_the_openapi_form_schema(server: ServerProce
     schema = httpx.get(server.url + "/openapi.json").json()["paths"]["/predict"]["post"]["requestBody"]["content"][
         "multipart/form-data"]["schema"]["properties"]
     # Everything but the files and the boxes is a parameter control.
-    params = {name: prop for name, prop in schema.items() if prop.get("format") != "binary" and name != "box"}
+    def is_file(prop: dict) -> bool:  # one file, or several (references, their masks)
+        return "binary" in (prop.get("format"), prop.get("items", {}).get("format"))
+
+    params = {name: prop for name, prop in schema.items() if not is_file(prop) and name != "box"}
     assert "steps" in params and "seed" in params
     shown = [el.get_attribute("name") for el in browser.find_elements(By.CSS_SELECTOR, "#params [name]")]
     assert shown == list(params)  # every parameter, in the schema's order, and nothing else
@@ -258,12 +261,12 @@ def test_controls_are_generated_from_the_openapi_form_schema(server: ServerProce
             assert control.tag_name == "select"
             assert [o.get_attribute("value") for o in control.find_elements(By.TAG_NAME, "option")] == prop["enum"]
             assert control.get_attribute("value") == prop["default"]
-        elif prop["type"] == "boolean":
+        elif prop.get("type") == "boolean":
             assert control.get_attribute("type") == "checkbox"
             assert control.is_selected() is prop["default"]
         elif prop.get("format") == "int64":
             assert control.get_attribute("type") == "text" and control.get_attribute("value") == ""
-        elif prop["type"] in ("integer", "number"):
+        elif prop.get("type") in ("integer", "number"):
             assert control.get_attribute("type") == "number"
             assert float(control.get_attribute("min")) == prop["minimum"]
             assert float(control.get_attribute("max")) == prop["maximum"]

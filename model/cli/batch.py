@@ -175,6 +175,13 @@ def parse_line(raw: Any, number: int, base: Path, *, files: LocalFiles | None = 
     references, masks, background = paths("reference"), paths("reference_mask"), path("background")
     assert background is not None  # required: collect says so otherwise
     params = decode_params(request)
+    # A dataset line is one PNG with its labels; candidates and other formats are for interactive surfaces.
+    if params.num_outputs != 1:
+        raise InputError("num_outputs", ErrorCode.INVALID_PARAMETER, "a batch line makes one image; give one "
+                         "line per seed instead (candidates are for /predict, generate and Cog)")
+    if params.output_format != "png":
+        raise InputError("output_format", ErrorCode.INVALID_PARAMETER, "a batch writes PNG images; leave "
+                         "output_format out")
     given = tuple(name for name in PARAM_NAMES if name in request.values)
     return Line(number, line_id, references, masks, background, request.boxes, path("background_mask"),
                 request.placement, path("placement_area"), params, given)

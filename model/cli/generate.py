@@ -95,12 +95,19 @@ def register(sub: Any) -> None:
     add_limit_arguments(p)
     p.add_argument("-o", "--output", required=True, type=Path,
                    help="output image path; without --output-format its extension picks the format (.jpg/.jpeg: "
-                   "jpeg, .webp: webp, anything else: png)")
+                   "jpeg, .webp: webp, anything else: png). With --num-outputs N the best candidate is written "
+                   "here and the others beside it as <stem>-2, ..., <stem>-N")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run, output_format=None)  # None: from the -o extension (format_of_path)
     for action in p._actions:
         if action.dest == "output_format" and action.help:
             action.help = action.help.replace("[default: png]", "[default: from -o's extension, else png]")
+
+
+def candidate_path(output: Path, rank: int) -> Path:
+    """Where the ``rank``-th best candidate goes: ``-o`` itself for the best, ``<stem>-<rank><suffix>`` beside it
+    for the others (``out.png``, ``out-2.png``, ...)."""
+    return output if rank == 1 else output.with_name(f"{output.stem}-{rank}{output.suffix}")
 
 
 def format_of_path(path: Path) -> str:
@@ -147,8 +154,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_bytes(result.encode(params.output_format, params.output_quality))
-    print(f"wrote {args.output} ({result.image.width}x{result.image.height}, {result.regions} region(s), "
-          f"seed {result.seed})")
+    for rank, candidate in enumerate(result.candidates or (result,), start=1):
+        path = candidate_path(args.output, rank)
+        path.write_bytes(candidate.encode(params.output_format, params.output_quality))
+        scores = candidate.scores
+        score = f", identity {scores.mean_identity:.4f}" if scores is not None and result.candidates else ""
+        print(f"wrote {path} ({candidate.image.width}x{candidate.image.height}, {candidate.regions} region(s), "
+              f"seed {candidate.seed}{score})")
     print("timings: " + timings_text(result.timings))
     return 0

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from PIL import Image, PngImagePlugin
 
@@ -50,6 +50,8 @@ class GenerationResult:
     is_demo: bool = False
     boxes: tuple[tuple[int, int, int, int], ...] = field(default=())  # the target boxes (x, y, w, h), in order
     scores: Scores | None = None
+    # With num_outputs > 1: every candidate (this one included), best first (rank_candidates); else empty.
+    candidates: tuple[GenerationResult, ...] = ()
 
     def to_png(self) -> bytes:
         """The image as PNG bytes, with the seed (and a demo label where it applies) in text chunks."""
@@ -88,6 +90,20 @@ def read_metadata(image: Image.Image) -> dict[str, str]:
         return {k: v for k, v in text.items() if k.startswith("anydoor:")}
     description = image.getexif().get(EXIF_DESCRIPTION, "")
     return dict(part.split("=", 1) for part in str(description).split("; ") if part.startswith("anydoor:"))
+
+
+def rank_candidates(results: Sequence[GenerationResult]) -> GenerationResult:
+    """The best of a request's candidates (highest mean identity; on a tie the lower seed offset, i.e. the
+    earlier candidate), carrying all of them best first in :attr:`GenerationResult.candidates`."""
+    if len(results) == 1:
+        return results[0]
+    def rank(k: int) -> tuple[float, int]:
+        scores = results[k].scores
+        return (-(scores.mean_identity if scores is not None else 0.0), k)
+
+    order = sorted(range(len(results)), key=rank)
+    ranked = tuple(replace(results[k], candidates=()) for k in order)
+    return replace(ranked[0], candidates=ranked)
 
 
 def server_timing(timings: Mapping[str, float]) -> str:

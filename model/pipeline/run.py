@@ -13,6 +13,7 @@ pastes every region back into its own background. Progress and cancellation are 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 import time
@@ -38,10 +39,11 @@ from model.nn.anydoor import AnyDoorModel, resolve_device
 from model.nn.mask_refine import MaskRefiner
 from model.pipeline.job import Job, freeze
 from model.pipeline.params import PARAM_NAMES, GenerationInputs, GenerationParams
-from model.pipeline.result import STAGES, GenerationResult, Scores
+from model.pipeline.result import STAGES, GenerationResult, Scores, rank_candidates
 from model.pipeline.scores import background_psnr, identity_scores, pack_targets, region_view, unpack_targets
 from model.spec.inputs import check_reference_count
 from model.spec.limits import Limits
+from model.spec.params import SEED_MAX
 
 CancelFn = Callable[[], bool]
 DECODE_BATCH = 2  # latents decoded together
@@ -138,9 +140,26 @@ class AnyDoorPipeline:
                  initial_noise: torch.Tensor | None = None, progress: ProgressFn | None = None,
                  should_cancel: CancelFn | None = None, max_pixels: int | None = None,
                  limits: Limits | None = None) -> GenerationResult:
-        """:meth:`prepare` and :meth:`run` for one request."""
-        job = self.prepare(inputs, params, initial_noise=initial_noise, max_pixels=max_pixels, limits=limits)
-        return self.run([job], progress=progress, should_cancel=should_cancel)[0]
+        """:meth:`prepare_candidates` and :meth:`run` for one request: its result, or with ``num_outputs`` > 1 the
+        best candidate, carrying all of them best first in ``candidates``."""
+        jobs = self.prepare_candidates(inputs, params, initial_noise=initial_noise, max_pixels=max_pixels,
+                                       limits=limits)
+        return rank_candidates(self.run(jobs, progress=progress, should_cancel=should_cancel))
+
+    def prepare_candidates(self, inputs: GenerationInputs, params: GenerationParams, **options: Any) -> list[Job]:
+        """The ``params.num_outputs`` jobs of one request (:meth:`prepare`'s options): candidate k is exactly the
+        job of the same request with seed ``seed + k``. They share the decoded background and the preprocessed
+        regions (no copy), except where the regions depend on the seed (a placement without its own seed)."""
+        first = self.prepare(inputs, params, **options)
+        jobs = [first]
+        for k in range(1, params.num_outputs):
+            seed = (first.seed + k) % (SEED_MAX + 1)
+            if inputs.placement is not None and inputs.placement.seed is None:
+                jobs.append(self.prepare(inputs, params.with_seed(seed), **options))  # its own boxes
+            else:
+                noise = self._initial_noise(seed, len(first.regions), options.get("initial_noise"))
+                jobs.append(dataclasses.replace(first, params=first.params.with_seed(seed), noise=noise))
+        return jobs
 
     def prepare(self, inputs: GenerationInputs, params: GenerationParams, *,
                 initial_noise: torch.Tensor | None = None, limits: Limits | None = None,

@@ -30,7 +30,7 @@ from model.spec.inputs import FILE_FIELDS, INPUT_FIELDS, GenerationInputs
 from model.spec.limits import Limits
 from model.spec.params import OUTPUT_FORMATS, GenerationParams, param_specs
 from service.api.deps import get_service
-from service.api.schemas import ErrorBody, PredictResponse, ScoresBody, Timings
+from service.api.schemas import CandidateBody, ErrorBody, PredictResponse, ScoresBody, Timings
 from service.errors import ServiceError, client_gone, codes_with_status, generation_failed, payload_too_large
 from service.inference import Prediction
 from service.middleware import BODY_END_KEY, TICKET_KEY, request_id_of
@@ -324,5 +324,8 @@ def json_body(prediction: Prediction, request_id: str) -> dict[str, Any]:
         demo=prediction.demo, request_id=request_id,
         timings_ms=Timings(**{name: round(prediction.timings[name] * 1000, 3) for name in TIMING_NAMES}),
         scores=None if prediction.scores is None else ScoresBody.model_validate(prediction.scores.to_dict()),
+        candidates=[CandidateBody(image=base64.b64encode(c.data).decode("ascii"), seed=c.seed,
+                                  scores=None if c.scores is None else ScoresBody.model_validate(c.scores.to_dict()))
+                    for c in prediction.candidates] or None,
     )
     return body.model_dump()

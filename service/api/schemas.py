@@ -52,6 +52,14 @@ class ScoresBody(BaseModel):
                     "target regions (the boxes, or the mask's regions); null where those pixels are unchanged.")
 
 
+class CandidateBody(BaseModel):
+    """One candidate of a `num_outputs` > 1 request."""
+
+    image: str = Field(description="The candidate's image in `output_format`, base64-encoded.")
+    seed: int = Field(description="Its seed: a `num_outputs=1` request with this seed reproduces it.")
+    scores: ScoresBody | None
+
+
 class PredictResponse(BaseModel):
     """The JSON variant of a /predict answer (request it with `Accept: application/json`)."""
 
@@ -69,6 +77,9 @@ class PredictResponse(BaseModel):
     request_id: str
     timings_ms: Timings
     scores: ScoresBody | None = Field(default=None, description="The result's identity and background scores.")
+    candidates: list[CandidateBody] | None = Field(
+        default=None, description="With `num_outputs` > 1: every candidate, best first (highest `scores.identity`); "
+        "the top-level `image`, `seed` and `scores` are the first one's. Null for a single output.")
 
 
 class ModelInfo(BaseModel):
