@@ -22,6 +22,7 @@ from dataclasses import MISSING, fields
 from typing import Any
 
 from model.cli import batch as batch_command
+from model.cli import evaluate as eval_command
 from model.cli import generate as generate_command
 from model.cli import weights as weights_command
 from service.settings import Settings, SettingsError, env_name
@@ -167,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     generate_command.register(sub)
     batch_command.register(sub)
+    eval_command.register(sub)
     weights_command.register(sub)
     register(sub)
     return parser

@@ -93,6 +93,13 @@ class Line:
     params: GenerationParams
     given: tuple[str, ...]  # the parameters the line sets (sent as form fields; the rest are the defaults)
 
+    def inputs_record(self) -> dict[str, Any]:
+        """The line's input files (absolute paths) and the one ratio an evaluation needs, for ``anydoor eval``."""
+        return {"reference": [str(p) for p in self.references],
+                "reference_mask": [str(p) for p in self.reference_masks], "background": str(self.background),
+                "background_mask": None if self.background_mask is None else str(self.background_mask),
+                "reference_expand_ratio": self.params.reference_expand_ratio}
+
     def regions_known(self) -> int | None:
         """How many regions the line has, where that is known before decoding (boxes, placement)."""
         if self.boxes is not None:
@@ -346,7 +353,8 @@ class Outputs:
         record = {"id": line.id, "line": line.number, "status": "ok", "seed": result.seed,
                   "boxes": [list(b) for b in result.boxes], "classes": classes, "file": f"images/{line.id}.png",
                   "width": result.width, "height": result.height,
-                  "timings": {k: round(v, 4) for k, v in result.timings.items()}, **result.extra}
+                  "timings": {k: round(v, 4) for k, v in result.timings.items()},
+                  "inputs": line.inputs_record(), **result.extra}
         with self._lock:
             # Image and label first: an ok record always has its files; files without a record are redone.
             atomic_write(self.images / f"{line.id}.png", result.png)
@@ -502,7 +510,9 @@ def run_local(pipe: Any, lines: Sequence[Line], report: Report, *, batch: int, l
             return
         for (line, _), result in zip(group, results, strict=True):
             try:
-                extra = {}
+                extra: dict[str, Any] = {}
+                if result.scores is not None:
+                    extra["scores"] = result.scores.to_dict()
                 seg = segmentations(line, result.boxes)
                 if seg is not None:
                     extra["segmentation"] = seg
@@ -664,7 +674,8 @@ def _answer(attempt: Attempt) -> Finished:
             raise ValueError(f"a box is not [x, y, w, h]: {box!r}")
         boxes.append((int(box[0]), int(box[1]), int(box[2]), int(box[3])))
     timings = {name: float(ms) / 1000 for name, ms in (body.get("timings_ms") or {}).items()}
-    return Finished(png, int(body["width"]), int(body["height"]), int(body["seed"]), boxes, timings)
+    extra = {"scores": body["scores"]} if isinstance(body.get("scores"), dict) else {}
+    return Finished(png, int(body["width"]), int(body["height"]), int(body["seed"]), boxes, timings, extra)
 
 
 @dataclass

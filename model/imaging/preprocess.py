@@ -179,6 +179,11 @@ def high_frequency_map(image: np.ndarray, mask: np.ndarray, threshold: int = HIG
     return resize(detail, width, height)
 
 
+def reference_view(reference: np.ndarray, mask: np.ndarray, expand_ratio: float) -> np.ndarray:
+    """The reference as DINOv2 sees it: the masked object on white, padded, squared, (224, 224, 3) uint8."""
+    return _prepare_reference(reference, mask, expand_ratio)[0]
+
+
 def _prepare_reference(reference: np.ndarray, mask: np.ndarray, expand_ratio: float) -> tuple[np.ndarray, np.ndarray]:
     """Masked, padded and squared reference at 224x224: returns (uint8 image, its high-frequency map)."""
     y1, y2, x1, x2 = bbox_from_mask(mask)

@@ -71,3 +71,26 @@ def pack_targets(mask: np.ndarray) -> np.ndarray:
 def unpack_targets(bits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     height, width = size
     return np.unpackbits(bits, count=height * width).reshape(height, width).astype(bool)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Structural similarity (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, peak 255) of two
+    same-size uint8 images, on their luma (ITU-R BT.601), averaged over the image."""
+    import cv2
+
+    def luma(image: np.ndarray) -> np.ndarray:
+        image = image.astype(np.float64)
+        return image @ np.array([0.299, 0.587, 0.114]) if image.ndim == 3 else image
+
+    x, y = luma(a), luma(b)
+    if x.shape != y.shape:
+        raise ValueError(f"ssim needs images of one size, got {a.shape} and {b.shape}")
+
+    def blur(image: np.ndarray) -> np.ndarray:
+        return cv2.GaussianBlur(image, (11, 11), 1.5, borderType=cv2.BORDER_REFLECT)
+
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mx, my = blur(x), blur(y)
+    vx, vy, cov = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    value = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return float(value.mean())
