@@ -24,6 +24,7 @@ from service.predictions.urlguard import UrlGuard
 from service.predictions.webhooks import WebhookSender, sign
 from service.settings import Settings, SettingsError
 from tests.support.server import metric
+from tests.support.webhooks import WebhookReceiver
 from tests.test_service_app import FakePipeline, png
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
@@ -234,7 +235,7 @@ def test_predictions_accepted_while_loading_run_once_ready() -> None:
 # --- the job store ------------------------------------------------------------------------------------------------
 
 
-def test_a_restart_runs_what_was_queued_and_resends_undelivered_webhooks(tmp_path: Path) -> None:
+def test_a_restart_runs_what_was_queued(tmp_path: Path) -> None:
     path = str(tmp_path / "jobs.sqlite3")
     never = threading.Event()
 
@@ -261,6 +262,31 @@ def test_a_restart_runs_what_was_queued_and_resends_undelivered_webhooks(tmp_pat
             assert done["status"] == "succeeded" and done["metrics"]["seed"] == i
 
     run(second, job_store=path)
+
+
+def test_an_unacknowledged_completed_webhook_is_sent_again_after_a_restart(tmp_path: Path) -> None:
+    path = str(tmp_path / "jobs.sqlite3")
+    with WebhookReceiver(status=503) as receiver:
+        async def first(client: httpx.AsyncClient, app: Any) -> None:
+            body = {"id": "w1", "input": INPUT, "webhook": f"{receiver.url}/hook",
+                    "webhook_events_filter": ["completed"]}
+            assert (await client.post("/predictions", json=body)).json()["status"] == "succeeded"
+            await until(lambda: len(receiver.received) >= 1)  # answered 503: still owed
+
+        run(first, job_store=path, webhook_allow_hosts=("127.0.0.1",), webhook_secret=SECRET)
+        with sqlite3.connect(path) as db:
+            assert db.execute("SELECT webhook_state FROM predictions WHERE id = 'w1'").fetchone()[0] == 1
+        receiver.status = 200
+        before = len(receiver.received)
+
+        async def second(client: httpx.AsyncClient, app: Any) -> None:
+            await until(lambda: len(receiver.received) > before)
+            await until(lambda: app.state.predictions.store.undelivered() == [])
+
+        run(second, job_store=path, webhook_allow_hosts=("127.0.0.1",), webhook_secret=SECRET)
+        resent = receiver.received[-1]
+        assert resent.headers["webhook-id"] == "w1.completed"  # the same message id: receivers can drop repeats
+        assert standardwebhooks.Webhook(SECRET).verify(resent.body, resent.headers)["status"] == "succeeded"
 
 
 def test_store_expires_finished_predictions_and_bounds_its_size() -> None:
