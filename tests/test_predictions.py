@@ -507,3 +507,27 @@ def test_the_webhook_secret_must_be_a_whsec_secret() -> None:
             Settings(demo=True, webhook_secret=bad)
     assert Settings.from_env({"ANYDOOR_DEMO": "1", "ANYDOOR_WEBHOOK_ALLOW_HOSTS": "127.0.0.1, hooks.local,10.0.0.0/8"}
                              ).webhook_allow_hosts == ("127.0.0.1", "hooks.local", "10.0.0.0/8")
+
+
+def test_a_synchronous_request_is_answered_503_when_its_prediction_cannot_run_here() -> None:
+    release = threading.Event()
+
+    def stuck_load() -> FakePipeline:
+        release.wait(30)
+        return FakePipeline()
+
+    async def scenario(client: httpx.AsyncClient, app: Any) -> None:
+        waiting = asyncio.ensure_future(client.post("/predictions", json={"id": "w", "input": INPUT}))
+        await until(lambda: app.state.predictions.store is not None and app.state.predictions.store.count() == 1)
+        app.state.service.begin_drain()
+        answer = await waiting
+        assert answer.status_code == 503 and answer.json()["error"] == "draining"
+        assert (await client.get("/predictions/w")).json()["status"] == "starting"  # still queued in the store
+        refused = await client.post("/predictions", json={"input": INPUT}, headers=ASYNC)
+        assert refused.status_code == 503 and refused.json()["error"] == "draining"
+        release.set()
+
+    try:
+        run(scenario, load=stuck_load, wait_ready=False, shutdown_grace_s=0.5)
+    finally:
+        release.set()

@@ -64,6 +64,7 @@ log = logging.getLogger("anydoor.service.predictions")
 T = TypeVar("T")
 NO_QUEUE_TIMEOUT_S = 365 * 24 * 3600.0  # async predictions wait as long as it takes
 RETRY_SUBMIT_S = 0.2  # the GPU queue was full (of /predict requests): try again after this long
+WAIT_POLL_S = 0.5  # how often a synchronous request looks whether its prediction can still finish here
 # The codes that end a prediction only because this process is stopping: it stays queued for the next start.
 _STOPPING = frozenset({ErrorCode.SHUTTING_DOWN, ErrorCode.DRAINING})
 
@@ -265,10 +266,24 @@ class PredictionService:
         return record
 
     async def wait(self, prediction_id: str) -> PredictionRecord:
-        """The prediction once it has finished (at once if it has)."""
+        """The prediction once it has finished (at once if it has). 503 if it cannot finish in this process: the
+        model failed to load, or the server is draining and it was not started (it stays queued in the store)."""
         live = self._live.get(prediction_id)
+        while live is not None and not live.done.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(live.done.wait(), timeout=WAIT_POLL_S)
+            if live.done.is_set():
+                break
+            if self.inference.worker.state is WorkerState.FAILED:
+                error = self.inference.availability_error()
+                assert error is not None
+                raise error
+            started = live.task is not None and not live.task.done()
+            if (self.inference.draining or self._stopping) and not started:
+                raise ServiceError(ErrorCode.DRAINING, f"the server is shutting down; the prediction "
+                                   f"{prediction_id!r} stays queued and runs after the restart (poll "
+                                   "GET /predictions/{id})")
         if live is not None:
-            await live.done.wait()
             return live.record
         return await self.get(prediction_id)
 
