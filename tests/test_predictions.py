@@ -531,3 +531,21 @@ def test_a_synchronous_request_is_answered_503_when_its_prediction_cannot_run_he
         run(scenario, load=stuck_load, wait_ready=False, shutdown_grace_s=0.5)
     finally:
         release.set()
+
+
+def test_progress_events_spread_out_in_time_still_go_at_most_one_per_interval() -> None:
+    receiver = Receiver()
+    s = sender(receiver, interval_s=0.5)
+    try:
+        start = time.monotonic()
+        for n in range(30):  # one every 50 ms for 1.5 s: the queue drains between them
+            s.send("p", "https://hooks.example/x", "logs", {"status": "processing", "n": n})
+            time.sleep(0.05)
+        elapsed = time.monotonic() - start
+        s.send("p", "https://hooks.example/x", "completed", {"status": "succeeded"})
+        wait(lambda: receiver.events()[-1:] == ["succeeded:completed"])
+        assert s._channels == {}  # forgotten once its last event went out
+    finally:
+        s.stop()
+    logs = [e for e in receiver.events() if e.endswith(":logs")]
+    assert 2 <= len(logs) <= elapsed / 0.5 + 1, logs

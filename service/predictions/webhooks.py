@@ -77,6 +77,7 @@ class _Channel:
     last_progress: float = float("-inf")  # when the last start/output/logs event was sent
     sequence: int = 0
     scheduled: bool = False
+    closed: bool = False  # the prediction has finished: no event follows its completed one
 
 
 class WebhookSender:
@@ -125,13 +126,16 @@ class WebhookSender:
              events: Collection[str] = EVENTS) -> None:
         """Queue ``event`` (with the prediction object ``payload``) for ``url`` if ``events`` lets it through."""
         assert event in EVENTS, event
-        if event not in events:
-            return
-        body = json.dumps(payload, separators=(",", ":")).encode()
         with self._cond:
             if self._stopped:
                 return
             channel = self._channels.get(prediction_id)
+            if event not in events:
+                if event == "completed" and channel is not None:
+                    channel.closed = True  # the last event: forget the channel once it is idle
+                    self._forget_if_idle(channel)
+                return
+            body = json.dumps(payload, separators=(",", ":")).encode()
             if channel is None:
                 channel = self._channels[prediction_id] = _Channel(prediction_id, url)
             channel.sequence += 1
@@ -140,6 +144,7 @@ class WebhookSender:
             delivery = Delivery(event, message_id, body)
             queue = channel.queue
             if event == "completed":
+                channel.closed = True
                 # Everything an output/logs event would say, completed says too.
                 kept = [d for i, d in enumerate(queue)
                         if d.event in ("start", "completed") or (i == 0 and channel.busy)]
@@ -206,10 +211,16 @@ class WebhookSender:
                     self._report("completed", "failed")
                     backoff = min(BACKOFF_MAX_S, BACKOFF_START_S * 2 ** (delivery.attempts - 1))
                     channel.next_at = now + backoff
-                if not channel.queue:
-                    del self._channels[channel.prediction_id]
-                else:
+                if channel.queue:
                     self._schedule(channel)
+                else:
+                    self._forget_if_idle(channel)
+
+    def _forget_if_idle(self, channel: _Channel) -> None:
+        """Drop a finished prediction's channel once nothing is queued or in flight (lock held). A running one's
+        channel stays, so its interval between progress events holds while its queue is empty."""
+        if channel.closed and not channel.queue and not channel.busy:
+            self._channels.pop(channel.prediction_id, None)
 
     def _next_channel(self) -> _Channel | None:
         """Wait for the earliest due channel (lock held); None once stopped."""
