@@ -241,12 +241,13 @@ def test_a_restart_runs_what_was_queued(tmp_path: Path) -> None:
 
     def stuck_load() -> FakePipeline:  # the first process never gets its model: everything stays queued
         never.wait(30)
-        return FakePipeline()
+        raise RuntimeError("this process dies before its model loads")
 
     async def first(client: httpx.AsyncClient, app: Any) -> None:
         for i in range(3):
             assert (await client.post("/predictions", json={"id": f"q{i}", "input": {**INPUT, "seed": i}},
                                       headers=ASYNC)).status_code == 202
+        never.set()
 
     try:
         run(first, load=stuck_load, wait_ready=False, job_store=path, shutdown_grace_s=0.1)
