@@ -550,3 +550,16 @@ def test_progress_events_spread_out_in_time_still_go_at_most_one_per_interval() 
         s.stop()
     logs = [e for e in receiver.events() if e.endswith(":logs")]
     assert 2 <= len(logs) <= elapsed / 0.5 + 1, logs
+
+
+def test_finished_predictions_are_deleted_after_the_ttl() -> None:
+    async def scenario(client: httpx.AsyncClient, app: Any) -> None:
+        done = await client.post("/predictions", json={"id": "short-lived", "input": INPUT})
+        assert done.json()["status"] == "succeeded"
+        deadline = time.monotonic() + 10
+        while (await client.get("/predictions/short-lived")).status_code != 404:
+            assert time.monotonic() < deadline, "not expired"
+            await asyncio.sleep(0.05)
+        assert metric((await client.get("/metrics")).text, "anydoor_predictions", status="succeeded") == 0
+
+    run(scenario, prediction_ttl_s=0.3)
