@@ -289,7 +289,7 @@ class PredictionService:
 
     async def cancel(self, prediction_id: str) -> PredictionRecord:
         live = self._live.get(prediction_id)
-        if live is None:
+        if live is None or live.record.terminal:
             return await self.get(prediction_id)  # finished (unchanged) or unknown (404)
         if prediction_id in self._queue:
             self._queue.remove(prediction_id)
@@ -397,7 +397,7 @@ class PredictionService:
         if status != "succeeded":
             log.info("prediction %s: %s%s", record.id, status, f" ({error_code}: {error})" if error_code else "")
         try:
-            await self._call(self._store().update, record)
+            await asyncio.shield(self._call(self._store().update, record))  # written even if the task is cancelled
         finally:
             self._webhook(live, "completed")
             live.done.set()
