@@ -107,8 +107,9 @@ def test_respond_async_is_fast_under_load_and_gives_the_bytes_of_predict(server:
         assert accepted.status_code == 202, accepted.text
         assert accepted.json()["status"] == "starting"
     assert client.get("/predictions/busy-1").json()["status"] == "processing"  # the GPU queue was busy meanwhile
-    assert min(timings) < 0.1, timings
-    assert statistics.median(timings) < 0.5, timings
+    print(f"202 answers while the GPU was busy: {', '.join(f'{t * 1000:.1f} ms' for t in timings)}")
+    assert statistics.median(timings) < 0.1, timings  # the median of three: one outlier on a shared CPU is noise
+    assert max(timings) < 0.5, timings
     outputs = {png_of(poll(client, f"fast-{i}")) for i in range(3)}
     assert outputs == {predict_png(client, 21)}  # the same bytes, three times, as /predict's
     metrics = client.get("/metrics").text
