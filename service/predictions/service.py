@@ -40,7 +40,7 @@ from model.errors import ErrorCode, InputError
 from model.pipeline.result import STAGES, timings_text
 from model.spec.fields import INT64_MAX
 from service.errors import ServiceError, overloaded
-from service.inference import InferenceService, Prediction
+from service.inference import LARGE_REQUEST_BYTES, InferenceService, Prediction, release_free_memory, uploaded_bytes
 from service.metrics import Metrics
 from service.predictions.decode import check_input, decode_input
 from service.predictions.fetch import RemoteFiles
@@ -81,7 +81,6 @@ class _Live:
     record: PredictionRecord
     done: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
-    steps_logged: int = 0
 
 
 class PredictionService:
@@ -329,6 +328,7 @@ class PredictionService:
                                                              self.files)
             if params.seed is None and record.seed is not None:
                 params = params.with_seed(record.seed)
+            large = uploaded_bytes(inputs) > LARGE_REQUEST_BYTES
             prepared = await self.inference.prepare(inputs, params)
             del inputs
             while True:
@@ -355,7 +355,10 @@ class PredictionService:
             await self._finish(live, status="failed", error="the generation failed unexpectedly; the server log "
                                "has the details under this prediction id", error_code=ErrorCode.INTERNAL_ERROR.value)
         else:
+            del prepared
             await self._succeed(live, result)
+            if large:  # the decoded images are garbage now: hand the freed heap back, off the event loop
+                asyncio.get_running_loop().run_in_executor(None, release_free_memory)
 
     def _on_event(self, live: _Live, name: str, data: dict[str, Any], total: int) -> None:
         """A progress event of the running job (on the event loop)."""
