@@ -99,7 +99,7 @@ def test_respond_async_is_fast_under_load_and_gives_the_bytes_of_predict(server:
     assert busy.status_code == 202, busy.text
     poll(client, "busy-1", ("processing",))
     timings = []
-    for i in range(3):
+    for i in range(5):
         start = time.perf_counter()
         accepted = client.post("/predictions", json={"id": f"fast-{i}", "input": {**INPUT, "seed": 21}},
                                headers=ASYNC)
@@ -108,10 +108,10 @@ def test_respond_async_is_fast_under_load_and_gives_the_bytes_of_predict(server:
         assert accepted.json()["status"] == "starting"
     assert client.get("/predictions/busy-1").json()["status"] == "processing"  # the GPU queue was busy meanwhile
     print(f"202 answers while the GPU was busy: {', '.join(f'{t * 1000:.1f} ms' for t in timings)}")
-    assert statistics.median(timings) < 0.1, timings  # the median of three: one outlier on a shared CPU is noise
+    assert statistics.median(timings) < 0.1, timings  # the median of five: an outlier on a shared CPU is noise
     assert max(timings) < 0.5, timings
-    outputs = {png_of(poll(client, f"fast-{i}")) for i in range(3)}
-    assert outputs == {predict_png(client, 21)}  # the same bytes, three times, as /predict's
+    outputs = {png_of(poll(client, f"fast-{i}")) for i in range(5)}
+    assert outputs == {predict_png(client, 21)}  # the same bytes, five times, as /predict's
     metrics = client.get("/metrics").text
     assert 'anydoor_predictions{status="succeeded"}' in metrics
 

@@ -69,6 +69,14 @@ WAIT_POLL_S = 0.5  # how often a synchronous request looks whether its predictio
 _STOPPING = frozenset({ErrorCode.SHUTTING_DOWN, ErrorCode.DRAINING})
 
 
+def _has_url(values: Any) -> bool:
+    """Does a prediction's input name an http(s) URL (whose host must be resolved to be checked)?"""
+    if not isinstance(values, dict):
+        return False
+    items = [v for value in values.values() for v in (value if isinstance(value, list) else [value])]
+    return any(isinstance(v, str) and v[:8].lower().startswith(("http://", "https://")) for v in items)
+
+
 def body_hash(request: dict[str, Any]) -> str:
     canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -206,7 +214,10 @@ class PredictionService:
             return params.seed
 
         try:
-            seed = await anyio.to_thread.run_sync(checked)  # DNS lookups and base64 sizes: off the event loop
+            if webhook is None and not _has_url(body.get("input")):
+                seed = checked()  # no host to resolve: cheap enough for the event loop (a 202 is due at once)
+            else:
+                seed = await anyio.to_thread.run_sync(checked)  # DNS lookups: off the event loop
         except InputError as exc:
             raise ServiceError.from_input_error(exc) from None
         if seed is None:
