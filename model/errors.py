@@ -87,6 +87,17 @@ class ErrorCode(str, enum.Enum):
     SHUTTING_DOWN = "shutting_down", "The shutdown grace period ran out and the request was cancelled."
     GPU_OUT_OF_MEMORY = "gpu_out_of_memory", "The GPU ran out of memory for this request; the worker goes on."
     INTERNAL_ERROR = "internal_error", "A bug; the server log has the traceback under the request id."
+    # --- async predictions (`/predictions`)
+    PREDICTION_NOT_FOUND = "prediction_not_found", ("No prediction with this id: never created, or deleted after "
+                                                    "`ANYDOOR_PREDICTION_TTL`.")
+    PREDICTION_CONFLICT = "prediction_conflict", ("A prediction with this id exists with a different body (`PUT` is "
+                                                  "idempotent only for the same body).")
+    URL_FORBIDDEN = "url_forbidden", ("A webhook or input URL that is not http(s), or whose host resolves (on any "
+                                      "redirect too) to a loopback, link-local, private or reserved address that "
+                                      "`ANYDOOR_WEBHOOK_ALLOW_HOSTS` does not list.")
+    FETCH_FAILED = "fetch_failed", ("An input URL that could not be fetched: unreachable, an HTTP error, too many "
+                                    "redirects, too slow, or a data URI that is not valid base64 (the message says "
+                                    "which).")
     # --- seen by clients only (the Python client, `anydoor batch --url`, the studio page): no server sends these
     UNREACHABLE = "unreachable", ("Client side: the server could not be reached (refused, reset, timed out or "
                                   "closed before answering).")

@@ -36,6 +36,8 @@ from service.errors import ServiceError, error_response
 from service.inference import InferenceService
 from service.metrics import Metrics
 from service.middleware import PREDICT, AdmissionGate, RequestContextMiddleware, request_id_of, route_path
+from service.predictions.routes import router as predictions_router
+from service.predictions.service import PredictionService
 from service.settings import Settings
 from service.worker import Pipeline
 
@@ -55,16 +57,21 @@ def create_app(settings: Settings | None = None, *, load: Callable[[], Pipeline]
     settings = settings if settings is not None else Settings.from_env()
     metrics = Metrics()
     service = InferenceService(settings, metrics, load=load)
+    predictions = PredictionService(settings, service, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("starting with %s", settings.public())
         service.start()
+        await predictions.start()
         with _drain_on_signals(service, asyncio.get_running_loop()):
             try:
                 yield
             finally:
-                await service.shutdown()
+                try:
+                    await service.shutdown()
+                finally:
+                    await predictions.stop()
 
     app = FastAPI(
         title="AnyDoor Serve",
@@ -79,7 +86,9 @@ def create_app(settings: Settings | None = None, *, load: Callable[[], Pipeline]
     app.state.metrics = metrics
     _publish_placement_schema(app)
     app.state.service = service
+    app.state.predictions = predictions
     app.include_router(router)
+    app.include_router(predictions_router)
     app.mount(DOCS_ASSETS_URL, StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
     app.mount(STUDIO_ASSETS_URL, StaticFiles(directory=STUDIO_ASSETS), name="studio-assets")  # the page at /
 

@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     env_only = []
     for f in fields(Settings):
         meta = f.metadata
-        default = "none" if f.default is MISSING or f.default is None else f.default
+        default = "none" if f.default is MISSING or f.default is None or f.default == () else f.default
         if isinstance(default, bool):
             default = "off"
         help_text = f"{meta['help']} [env {meta['env']}, default: {default}]".replace("%", "%%")

@@ -64,6 +64,10 @@ HTTP_STATUS: dict[ErrorCode, tuple[int, str]] = {
     C.SHUTTING_DOWN: (503, "cancelled"),
     C.GPU_OUT_OF_MEMORY: (503, "oom"),
     C.INTERNAL_ERROR: (500, "internal"),
+    C.PREDICTION_NOT_FOUND: (404, "validation"),
+    C.PREDICTION_CONFLICT: (409, "validation"),
+    C.URL_FORBIDDEN: (422, "validation"),
+    C.FETCH_FAILED: (422, "validation"),
 }
 
 

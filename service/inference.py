@@ -300,13 +300,15 @@ class InferenceService:
         return PreparedRequest(work[0], t0, tuple(work[1:]))
 
     async def execute(self, prepared: PreparedRequest, *, request_id: str, receive: Receive | None,
-                      ticket: Slot | None = None, events: EventSink | None = None) -> Prediction:
+                      ticket: Slot | None = None, events: EventSink | None = None,
+                      queue_timeout_s: float | None = None) -> Prediction:
         """Queue the prepared job, wait for the GPU worker, encode the PNG.
 
         ``receive`` is the request's ASGI receive channel (the body is already read): it is watched for the
         client's disconnect, which takes the job out of the queue or stops it at the next denoising step. With
         None the caller watches (a streaming response is cancelled by its server when the client leaves). With
         ``events``, ``queued`` (position), ``started`` and ``progress`` are reported to it on the event loop.
+        ``queue_timeout_s`` replaces ``ANYDOOR_QUEUE_TIMEOUT_S`` (async predictions wait as long as it takes).
         """
         loop = asyncio.get_running_loop()
         sink = None
@@ -314,7 +316,8 @@ class InferenceService:
             def sink(name: str, data: dict[str, Any]) -> None:  # called from the worker thread
                 loop.call_soon_threadsafe(events, name, data)
         job = QueuedJob(request_id, prepared.work, loop, loop.create_future(), candidates=prepared.candidates,
-                        deadline=time.monotonic() + self.settings.queue_timeout_s,
+                        deadline=time.monotonic() + (self.settings.queue_timeout_s if queue_timeout_s is None
+                                                     else queue_timeout_s),
                         on_start=ticket.release if ticket is not None else None, events=sink)
         self.worker.submit(job)
         outcome = await self._wait(job, receive, events)

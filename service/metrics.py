@@ -54,6 +54,17 @@ class Metrics:
             "anydoor_denoising_steps", "Denoising steps run, summed over jobs.", registry=r)
         self.ready = Gauge("anydoor_ready", "1 when the model is loaded, warmed up and not draining.", registry=r)
         self.model_info = Info("anydoor_model", "The model being served.", registry=r)
+        # Async predictions (/predictions): labels are bounded (five statuses, four events, three outcomes).
+        self.predictions = Gauge(
+            "anydoor_predictions", "Async predictions in the job store, by status (starting: queued).", ["status"],
+            registry=r)
+        self.prediction_queue_depth = Gauge(
+            "anydoor_prediction_queue_depth", "Async predictions waiting to be taken to the GPU queue.", registry=r)
+        self.webhooks = Counter(
+            "anydoor_webhooks", "Webhook requests by event and outcome (delivered, failed: a failed attempt, "
+            "abandoned: a completed webhook given up after its retry period).", ["event", "outcome"], registry=r)
+        self.webhook_backlog = Gauge("anydoor_webhook_backlog", "Webhook events queued and not yet sent.",
+                                     registry=r)
         for reason in FAILURE_REASONS:
             self.failures.labels(reason)
         for stage in STAGES:

@@ -206,6 +206,42 @@ class Settings:
         "fit under the open-files limit (RLIMIT_NOFILE, raised to its hard limit first).", _int,
         flag="--max-connections", metavar="N")
 
+    # Async predictions (/predictions, service/predictions/): the job store, webhooks and input URLs.
+    job_store: str | None = _setting(
+        None, "ANYDOOR_JOB_STORE", "The SQLite file that keeps async predictions (input, status, output or error, "
+        "timestamps, undelivered webhooks) across restarts; `:memory:` keeps them in memory only. Default: "
+        "`predictions.sqlite3` in the cache directory (ANYDOOR_CACHE_DIR). One store per replica.", _text,
+        flag="--job-store", metavar="PATH")
+    prediction_ttl_s: float = _setting(
+        3600.0, "ANYDOOR_PREDICTION_TTL", "Seconds a finished async prediction (its output or error) is kept after "
+        "it completed; then it is deleted and `GET /predictions/{id}` answers 404.", _float,
+        flag="--prediction-ttl", metavar="SECONDS")
+    max_predictions: int = _setting(
+        256, "ANYDOOR_MAX_PREDICTIONS", "Async predictions the store may hold (queued, running and finished ones "
+        "not yet expired); one more gets 429 with Retry-After. With the output size this bounds the store's size.",
+        _int, flag="--max-predictions", metavar="N", limit=ErrorCode.OVERLOADED)
+    webhook_secret: str | None = _setting(
+        None, "ANYDOOR_WEBHOOK_SECRET", "Signs every webhook per Standard Webhooks (`webhook-id`, "
+        "`webhook-timestamp`, `webhook-signature: v1,<base64 HMAC-SHA256>`); a `whsec_` + base64 secret. Unset: "
+        "webhooks are sent unsigned. Environment only.", _text, secret=True)
+    webhook_auth_token: str | None = _setting(
+        None, "WEBHOOK_AUTH_TOKEN", "Sent as `Authorization: Bearer <token>` with every webhook, as Cog does. "
+        "Environment only.", _text, secret=True)
+    webhook_allow_hosts: tuple[str, ...] = _setting(
+        (), "ANYDOOR_WEBHOOK_ALLOW_HOSTS", "Comma-separated host names, IP addresses or networks (CIDR) that "
+        "webhook and input URLs may reach although they are loopback, link-local or private (checked after DNS "
+        "resolution, on every redirect). Empty: only public addresses.", lambda raw: _hosts(raw),
+        flag="--webhook-allow-hosts", metavar="HOSTS")
+    webhook_retry_s: float = _setting(
+        300.0, "ANYDOOR_WEBHOOK_RETRY_S", "How long a `completed` webhook is retried (with exponential backoff) "
+        "before it is given up; other events are sent once.", _float, flag="--webhook-retry-s", metavar="SECONDS")
+    webhook_timeout_s: float = _setting(
+        10.0, "ANYDOOR_WEBHOOK_TIMEOUT_S", "Longest one webhook request may take (connect and answer).", _float,
+        flag="--webhook-timeout-s", metavar="SECONDS")
+    fetch_timeout_s: float = _setting(
+        30.0, "ANYDOOR_FETCH_TIMEOUT_S", "Longest the download of one input URL may take (each redirect included).",
+        _float, flag="--fetch-timeout-s", metavar="SECONDS")
+
     def __post_init__(self) -> None:
         def fail(name: str, message: str) -> None:
             raise SettingsError(f"{env_name(name)}: {message}, got {getattr(self, name)!r}")
@@ -269,6 +305,16 @@ class Settings:
             fail("keep_alive_s", "expected 0..300")
         if not 1 <= self.max_connections <= 1_000_000:
             fail("max_connections", "expected 1..1000000")
+        if self.max_predictions < 1:
+            fail("max_predictions", "expected at least 1")
+        for name in ("prediction_ttl_s", "webhook_retry_s", "webhook_timeout_s", "fetch_timeout_s"):
+            if getattr(self, name) <= 0:
+                fail(name, "expected a positive number")
+        if self.webhook_secret is not None:
+            try:
+                webhook_key(self.webhook_secret)
+            except ValueError as exc:
+                raise SettingsError(f"ANYDOOR_WEBHOOK_SECRET: {exc}") from None
 
     # --- construction ---------------------------------------------------------------------------------------
 
@@ -322,13 +368,56 @@ class Settings:
                 for f in fields(self)}
 
 
+def _hosts(raw: str) -> tuple[str, ...]:
+    """``ANYDOOR_WEBHOOK_ALLOW_HOSTS``: host names, addresses and CIDR networks, comma-separated."""
+    import ipaddress
+
+    hosts = []
+    for item in raw.split(","):
+        host = item.strip().lower()
+        if not host:
+            continue
+        if "/" in host:
+            ipaddress.ip_network(host, strict=False)  # ValueError for a bad network
+        elif not re.fullmatch(r"[a-z0-9.:_\[\]-]{1,253}", host):
+            raise ValueError(f"not a host name, address or network: {item.strip()!r}")
+        hosts.append(host.strip("[]"))
+    return tuple(hosts)
+
+
+def webhook_key(secret: str) -> bytes:
+    """The HMAC key of a Standard Webhooks secret: ``whsec_`` + base64; ValueError if it is not one."""
+    import base64
+    import binascii
+
+    if not secret.startswith("whsec_"):
+        raise ValueError("expected a secret of the form whsec_<base64>")
+    try:
+        key = base64.b64decode(secret[len("whsec_"):] + "==", validate=False)
+    except (binascii.Error, ValueError):
+        raise ValueError("the part after whsec_ is not base64") from None
+    if len(key) < 16:
+        raise ValueError("expected at least 16 bytes of key after whsec_")
+    return key
+
+
+def default_job_store(settings: Settings) -> str:
+    """Where the job store lives when ANYDOOR_JOB_STORE is unset: the cache directory."""
+    if settings.job_store:
+        return settings.job_store
+    from model.weights.download import default_cache_dir
+
+    base = Path(settings.cache_dir).expanduser() if settings.cache_dir else default_cache_dir()
+    return str(base / "predictions.sqlite3")
+
+
 def env_name(name: str) -> str:
     return str(next(f.metadata["env"] for f in fields(Settings) if f.name == name))
 
 
 def _default_text(f: Any) -> str:
     default = f.default if f.default is not MISSING else None
-    if default is None:
+    if default is None or default == ():
         return "—"
     if isinstance(default, bool):
         return "`1`" if default else "`0`"

@@ -5,6 +5,8 @@ import os
 # Before torch loads its OpenMP runtime: threads that wait passively instead of spinning. On a small shared CPU
 # (CI has 2 cores) spinning workers of the test process and of the servers it starts starve each other (~5x).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The service's default job store lives in the cache directory: tests get a fresh one, never the user's ~/.cache.
+os.environ.setdefault("ANYDOOR_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="anydoor-tests-cache-"))
 
 import functools
 import http.server

@@ -47,7 +47,9 @@ def tiny_model_env() -> dict[str, str]:
     (a CI runner running tests in parallel); passive waiting costs nothing when the CPU is idle.
     """
     return {"ANYDOOR_WEIGHTS": str(CASE_A / "model.safetensors"), "ANYDOOR_CONFIG": str(CASE_A / "model.yaml"),
-            "ANYDOOR_DEVICE": "cpu", "OMP_WAIT_POLICY": "PASSIVE"}
+            "ANYDOOR_DEVICE": "cpu", "OMP_WAIT_POLICY": "PASSIVE",
+            # Async predictions in memory unless a test gives a store: servers started side by side share nothing.
+            "ANYDOOR_JOB_STORE": ":memory:"}
 
 
 class ServerProcess:
