@@ -36,6 +36,7 @@ COPY pyproject.toml README.md ./
 COPY scripts/setup.sh scripts/setup.sh
 COPY model model
 COPY service service
+COPY client client
 
 # The CI install (.ci/run runs the same script). The pip cache mount keeps the multi-GB torch wheel between builds.
 # COPY service carries service/static (the /docs and /redoc assets) with the code.

@@ -12,24 +12,19 @@ and an image, and retries the rest; a line that finished is never generated agai
 
 Two ways to run: **local** (``--weights`` or ``--demo``) generates in this process, preparing lines one by one and
 running those with the same denoising schedule (:attr:`Job.batch_key`) together, ``--batch`` jobs per
-:meth:`AnyDoorPipeline.run`; **remote** (``--url``, repeatable) sends each line as a multipart ``POST /predict``
-to the least busy of the servers, from ``--concurrency`` threads, honouring ``Retry-After`` and retrying transient
-failures with exponential backoff. HTTP uses the standard library only (``http.client``).
+:meth:`AnyDoorPipeline.run`; **remote** (``--url``, repeatable) sends each line through :class:`client.AnyDoorClient`
+(a multipart ``POST /predict`` to the least busy of the servers, ``Retry-After`` honoured, transient failures
+retried with jittered backoff), from ``--concurrency`` threads.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
-import email.utils
-import http.client
 import json
 import math
-import mimetypes
 import os
 import queue
-import random
 import re
 import secrets
 import signal
@@ -40,10 +35,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlsplit
 
 import numpy as np
 
+from client import AnyDoorClient, AnyDoorError
+from client.transport import check_url
 from model.errors import CheckpointError, ErrorCode, InputError
 from model.pipeline.loader import add_load_arguments, load_spec_of
 from model.progress import ProgressBar
@@ -52,7 +48,6 @@ from model.spec.codecs import (
     Wire,
     collect,
     decode_params,
-    encode_form,
     items_of_json,
     parse_json_object,
     unknown_field,
@@ -71,7 +66,7 @@ SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 RESERVED_IDS = ("classes",)  # labels/classes.txt lives next to labels/<id>.txt
 TMP_SUFFIX = ".anydoor-tmp"  # our temporary files: .<name>.<8 hex>.anydoor-tmp; the clean-up touches no other
 TMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}" + re.escape(TMP_SUFFIX))
-BACKOFF_BASE_S, BACKOFF_CAP_S, RETRY_AFTER_CAP_S = 0.5, 30.0, 300.0
+BACKOFF_BASE_S = 0.5  # the client's backoff base; tests make it shorter
 
 
 # --- the manifest ------------------------------------------------------------------------------------------------
@@ -528,36 +523,9 @@ def run_local(pipe: Any, lines: Sequence[Line], report: Report, *, batch: int, l
 # --- remote mode -------------------------------------------------------------------------------------------------
 
 
-def _quote(text: str) -> str:
-    # The HTML standard's escaping of names in multipart/form-data: quote, CR and LF percent-encoded.
-    return text.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
-
-
-def encode_multipart(parts: Sequence[tuple[str, str | tuple[str, bytes]]]) -> tuple[bytes, str]:
-    """A multipart/form-data body and its Content-Type: text fields ``(name, text)`` and files
-    ``(name, (filename, bytes))``, in order, repeated names allowed."""
-    while True:
-        boundary = f"anydoor-{secrets.token_hex(16)}"
-        if not any(boundary.encode() in (v[1] if isinstance(v, tuple) else v.encode()) for _, v in parts):
-            break
-    chunks: list[bytes] = []
-    for name, value in parts:
-        if isinstance(value, str):
-            head = f'Content-Disposition: form-data; name="{_quote(name)}"\r\n\r\n'
-            chunks += [f"--{boundary}\r\n{head}".encode(), value.encode("utf-8"), b"\r\n"]
-        else:
-            filename, data = value
-            kind = mimetypes.guess_type(filename)[0] or "application/octet-stream"
-            head = (f'Content-Disposition: form-data; name="{_quote(name)}"; filename="{_quote(filename)}"\r\n'
-                    f"Content-Type: {kind}\r\n\r\n")
-            chunks += [f"--{boundary}\r\n{head}".encode(), data, b"\r\n"]
-    chunks.append(f"--{boundary}--\r\n".encode())
-    return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
-
-
-def form_parts(line: Line, files: LocalFiles | None = None) -> list[tuple[str, str | tuple[str, bytes]]]:
-    """The line as the fields of the /predict form, encoded by the request spec's codec (files read here, by the
-    same checks as when the manifest was read)."""
+def form_values(line: Line, files: LocalFiles | None = None) -> dict[str, Any]:
+    """The line as :meth:`client.AnyDoorClient.predict`'s keywords, its files read here as ``(name, bytes)``, by
+    the same checks as when the manifest was read."""
     files = files or LocalFiles()
 
     def read(name: str, value: Any) -> Any:
@@ -567,97 +535,7 @@ def form_parts(line: Line, files: LocalFiles | None = None) -> list[tuple[str, s
             return value.name, files(name, value)
         return value
 
-    return encode_form({name: read(name, value) for name, value in line.values().items()})
-
-
-class Servers:
-    """The servers and how many requests each has in flight: a request goes to the least busy, ties taken in turn."""
-
-    def __init__(self, urls: Sequence[str]) -> None:
-        self.urls = list(urls)
-        self.busy = [0] * len(urls)
-        self.turn = 0
-        self.lock = threading.Lock()
-
-    def acquire(self) -> int:
-        with self.lock:
-            n = len(self.urls)
-            order = [(self.turn + k) % n for k in range(n)]
-            index = min(order, key=lambda i: self.busy[i])
-            self.turn = (index + 1) % n
-            self.busy[index] += 1
-            return index
-
-    def release(self, index: int) -> None:
-        with self.lock:
-            self.busy[index] -= 1
-
-
-@dataclass
-class Attempt:
-    """How one POST ended: an HTTP answer, or no answer (``status`` 0, ``error`` says why)."""
-
-    status: int
-    headers: dict[str, str]
-    body: bytes
-    error: str = ""
-
-
-def post(url: str, body: bytes, headers: Mapping[str, str], timeout: float) -> Attempt:
-    parts = urlsplit(url)
-    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    conn = cls(parts.hostname or "", parts.port, timeout=timeout)
-    try:
-        conn.request("POST", parts.path.rstrip("/") + "/predict", body=body, headers=dict(headers))
-        response = conn.getresponse()
-        data = response.read()
-        return Attempt(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
-    except (OSError, http.client.HTTPException) as exc:
-        return Attempt(0, {}, b"", f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-    finally:
-        conn.close()
-
-
-def retry_after(value: str | None) -> float | None:
-    """``Retry-After`` in seconds: delta-seconds or an HTTP date; None if absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    with contextlib.suppress(TypeError, ValueError, IndexError):
-        when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, when.timestamp() - time.time())
-    return None
-
-
-def backoff(attempt: int) -> float:
-    """Exponential backoff with full-range jitter (0.5x to 1.5x), so that retrying clients spread out."""
-    return min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** attempt) * (0.5 + random.random())
-
-
-def _error_of(attempt: Attempt) -> tuple[str, str | None, str]:
-    """(code, field, message) of a refused request, from the service's JSON error body where there is one."""
-    with contextlib.suppress(ValueError, AttributeError, TypeError):
-        body = json.loads(attempt.body)
-        return str(body["error"]), body.get("field"), str(body.get("message", ""))
-    text = attempt.body[:200].decode("utf-8", errors="replace").strip()
-    return ErrorCode.HTTP_ERROR.value, None, f"HTTP {attempt.status}" + (f": {text}" if text else "")
-
-
-def _answer(attempt: Attempt) -> Finished:
-    """The /predict JSON answer read into a :class:`Finished` (ValueError if it is not that)."""
-    body = json.loads(attempt.body)
-    png = base64.b64decode(body["image"], validate=True)
-    if not png.startswith(b"\x89PNG\r\n\x1a\n"):
-        raise ValueError("the image is not a PNG")
-    boxes: list[Box] = []
-    for box in body["boxes"]:
-        if not isinstance(box, list) or len(box) != 4:
-            raise ValueError(f"a box is not [x, y, w, h]: {box!r}")
-        boxes.append((int(box[0]), int(box[1]), int(box[2]), int(box[3])))
-    timings = {name: float(ms) / 1000 for name, ms in (body.get("timings_ms") or {}).items()}
-    return Finished(png, int(body["width"]), int(body["height"]), int(body["seed"]), boxes, timings)
+    return {name: read(name, value) for name, value in line.values().items()}
 
 
 @dataclass
@@ -670,54 +548,29 @@ class RemoteOptions:
     files: LocalFiles | None = None
 
 
-def send_line(line: Line, servers: Servers, options: RemoteOptions, stop: threading.Event
-              ) -> tuple[Finished | None, tuple[str, str | None, str] | None]:
-    """One line to the servers until it succeeds, fails for good or runs out of retries."""
+Failure = tuple[str, "str | None", str]  # (code, field, message) of a line that failed
+
+
+def send_line(line: Line, anydoor: AnyDoorClient, files: LocalFiles | None = None
+              ) -> tuple[Finished | None, Failure | None]:
+    """One line through the client: it retries transient failures (429/503 after Retry-After, 5xx, no answer)."""
     try:
-        body, content_type = encode_multipart(form_parts(line, options.files))
+        items = anydoor.form(form_values(line, files))
     except InputError as exc:
         return None, (exc.code.value, exc.field, exc.message)
-    headers = {"Content-Type": content_type, "Accept": "application/json", "Content-Length": str(len(body))}
-    if options.api_key:
-        headers["Authorization"] = f"Bearer {options.api_key}"
-    last: tuple[str, str | None, str] = (ErrorCode.UNREACHABLE.value, None, "no attempt was made")
-    for attempt_no in range(options.retries + 1):
-        index = servers.acquire()
-        try:
-            attempt = post(servers.urls[index], body, headers, options.timeout_s)
-        finally:
-            servers.release(index)
-        url = servers.urls[index]
-        if attempt.status == 200:
-            try:
-                result = _answer(attempt)
-            except (ValueError, KeyError, TypeError) as exc:
-                last = (ErrorCode.BAD_RESPONSE.value, None, f"{url} answered 200 with an unreadable body: {exc}")
-                wait = None
-            else:
-                result.extra = {"server": url, "attempts": attempt_no + 1}
-                return result, None
-        elif attempt.status == 0:
-            last, wait = (ErrorCode.UNREACHABLE.value, None, f"{url}: {attempt.error}"), None
-        elif attempt.status in (429, 503) or attempt.status >= 500:
-            # Overloaded, draining or starting (429/503, with the server's own estimate), or a server fault: try
-            # again, wherever is least busy then.
-            last = _error_of(attempt)
-            wait = retry_after(attempt.headers.get("retry-after")) if attempt.status in (429, 503) else None
-        else:
-            return None, _error_of(attempt)  # the request itself is wrong: sending it again cannot help
-        if attempt_no == options.retries:
-            break
-        delay = backoff(attempt_no) if wait is None else min(wait, RETRY_AFTER_CAP_S) * (1 + 0.1 * random.random())
-        if stop.wait(delay):
-            break
-    code, field_name, message = last
-    return None, (code, field_name, f"{message} (gave up after {options.retries + 1} attempts)")
+    try:
+        result = anydoor.send(items)
+    except AnyDoorError as exc:
+        return None, (exc.error, exc.field, exc.message)
+    timings = {name: ms / 1000 for name, ms in result.timings_ms.items()}
+    return Finished(result.png, result.width, result.height, result.seed, list(result.boxes), timings,
+                    {"server": result.server, "attempts": result.attempts}), None
 
 
 def run_remote(lines: Sequence[Line], report: Report, options: RemoteOptions) -> None:
     """``concurrency`` threads send the lines; this thread writes what they bring back (one writer)."""
-    servers = Servers(options.urls)
+    anydoor = AnyDoorClient(options.urls, options.api_key, timeout=options.timeout_s, retries=options.retries,
+                            backoff_base_s=BACKOFF_BASE_S)
     todo: queue.Queue[Line] = queue.Queue()
     done: queue.Queue[tuple[Line, Finished | None, Any]] = queue.Queue()
     stop = threading.Event()
@@ -731,7 +584,7 @@ def run_remote(lines: Sequence[Line], report: Report, options: RemoteOptions) ->
             except queue.Empty:
                 return
             try:
-                result, error = send_line(line, servers, options, stop)
+                result, error = send_line(line, anydoor, options.files)
             except Exception as exc:  # a bug in one line must not strand the others
                 result, error = None, (ErrorCode.INTERNAL_ERROR.value, None, f"{type(exc).__name__}: {exc}")
             done.put((line, result, error))
@@ -757,6 +610,7 @@ def run_remote(lines: Sequence[Line], report: Report, options: RemoteOptions) ->
                 report.line_failed(line.number, line.id, code, field_name, message, line.params.seed)
     finally:
         stop.set()
+        anydoor.close()
 
 
 # --- the command ------------------------------------------------------------------------------------------------
@@ -830,13 +684,10 @@ def _sigterm_exits() -> Iterator[None]:
 
 def _check_urls(urls: Sequence[str]) -> str | None:
     for url in urls:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            return f"--url {url}: expected http(s)://HOST[:PORT][/PREFIX]"
         try:
-            parts.port  # noqa: B018 - the property raises for a bad port
+            check_url(url)
         except ValueError as exc:
-            return f"--url {url}: {exc}"
+            return f"--url {exc}"
     return None
 
 
