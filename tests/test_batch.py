@@ -19,9 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.cli import batch
+from anydoor_batch import manifest as batch
+from anydoor_batch import remote
 from model.errors import CLIENT_SIDE, ErrorCode
 from model.pipeline.params import GenerationInputs
+from model.spec.files import LocalFiles
 from service.cli import main
 from tests.support.fake import FakeServer
 from tests.support.server import CASE_A, REPO, ServerProcess, free_port, metric, wait_for
@@ -280,7 +282,7 @@ def test_local_per_region_references_and_placement(data: Path) -> None:
 
 def test_remote_retries_429_and_5xx_and_sends_the_form(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ANYDOOR_API_KEY", "sekrit")
-    monkeypatch.setattr(batch, "BACKOFF_BASE_S", 0.05)
+    monkeypatch.setattr(remote, "BACKOFF_BASE_S", 0.05)
     manifest = write_manifest(data, [
         line(id="busy", box=[[40, 60, 120, 100], [300, 200, 150, 150]], seed=1, shape_control=True),
         line(id="refused", box=[[600, 460, 100, 100]], seed=2),
@@ -334,7 +336,7 @@ def test_remote_retries_429_and_5xx_and_sends_the_form(data: Path, monkeypatch: 
 
 
 def test_remote_gives_up_on_a_dead_server(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(batch, "BACKOFF_BASE_S", 0.01)
+    monkeypatch.setattr(remote, "BACKOFF_BASE_S", 0.01)
     manifest = write_manifest(data, [line(box=[[1, 2, 30, 40]])])
     out = data.parent / "out"
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
@@ -447,7 +449,7 @@ def test_manifest_files_stay_in_the_manifest_directory(data: Path, tmp_path: Pat
                    "newline": ("invalid_file_name", "reference"), "zero": ("path_outside_base", "reference")}
     assert "--allow-paths-outside" in next(b for b in bad if b.id == "up").error.message
     # allowed outside: a regular file outside is fine, a device still is not
-    files = batch.LocalFiles(data, confine=False)
+    files = LocalFiles(data, confine=False)
     lines, bad, _ = batch.read_manifest(manifest, files=files)
     assert {x.id for x in lines} == {"passwd", "up", "link"}
     assert {b.id: b.error.code.value for b in bad} == {"dir": "not_a_file", "newline": "invalid_file_name",
