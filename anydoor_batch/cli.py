@@ -27,7 +27,7 @@ from typing import Any
 
 from anydoor_batch.dataset import PROG, Outputs
 from anydoor_batch.local import run_local
-from anydoor_batch.manifest import read_manifest
+from anydoor_batch.manifest import Shard, read_manifest
 from anydoor_batch.remote import RemoteOptions, run_remote
 from anydoor_batch.report import Report
 from client.transport import check_url
@@ -48,6 +48,13 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _shard(text: str) -> Shard:
+    try:
+        return Shard.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def register(sub: Any) -> None:
@@ -80,6 +87,9 @@ def register(sub: Any) -> None:
                    help="remote mode: sent as `Authorization: Bearer KEY` [default: $ANYDOOR_API_KEY]")
     p.add_argument("--annotations-every", type=_positive, default=20, metavar="N",
                    help="rewrite annotations.json after every N finished lines (and at the end) [default: 20]")
+    p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                   help="process only the lines whose id hashes to I modulo N (0 <= I < N): N runs with 0/N .. N-1/N "
+                   "into N output directories cover the manifest once; `anydoor merge` joins them")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -143,13 +153,18 @@ def run(args: argparse.Namespace, *, pipeline: Any = None) -> int:
         lines, bad, total = read_manifest(args.manifest, files=files, limits=limits)
     except OSError as exc:
         return _usage(f"cannot read the manifest {args.manifest}: {exc.strerror or exc}")
+    every_class = [path.stem for line in lines for path in line.references]  # every shard gets the same classes
+    if args.shard is not None:
+        lines = [line for line in lines if args.shard.holds(line.id)]
+        bad = [item for item in bad if args.shard.holds(item.id)]
+        total = len(lines) + len(bad)
     try:
         outputs = Outputs(args.output, annotations_every=args.annotations_every)
     except (OSError, RuntimeError) as exc:
         return _usage(f"cannot use the output directory {args.output}: {exc}")
     with contextlib.ExitStack() as stack, _sigterm_exits():
         stack.callback(outputs.close)
-        outputs.add_classes([path.stem for line in lines for path in line.references])
+        outputs.add_classes(every_class)
         outputs.manifest_lines = {line.id: line.number for line in lines}
         todo = [line for line in lines if not outputs.done(line.id)]
         bad_todo = [b for b in bad if not outputs.done(b.id)]

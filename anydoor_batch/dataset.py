@@ -68,6 +68,27 @@ class Finished:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def read_records(path: Path) -> dict[str, dict[str, Any]]:
+    """The latest record of each id in a results.jsonl (read only; a last line cut short is not one)."""
+    records: dict[str, dict[str, Any]] = {}
+    if not path.exists():
+        return records
+    data = path.read_bytes()
+    for text in data[:data.rfind(b"\n") + 1].decode("utf-8", errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(text)
+            if isinstance(record, dict) and isinstance(record.get("id"), str):
+                records[record["id"]] = record
+    return records
+
+
+def read_classes(path: Path) -> list[str]:
+    """The class names of a labels/classes.txt, in index order."""
+    if not path.exists():
+        return []
+    return [name for name in path.read_text(encoding="utf-8").splitlines() if name]
+
+
 class Outputs:
     """The output directory: images, labels, the results log and the annotations; one writer at a time."""
 
@@ -93,7 +114,7 @@ class Outputs:
             pass
         except OSError:
             self._lockfile.close()
-            raise RuntimeError(f"another `{PROG}` is writing to {root}") from None
+            raise RuntimeError(f"another `{PROG}` or `anydoor merge` is writing to {root}") from None
         for folder in (self.images, self.labels, root):  # our temporary files of a run that was killed
             for stale in folder.glob(f".*{TMP_SUFFIX}"):
                 if TMP_NAME.fullmatch(stale.name) and stale.is_file():
@@ -104,25 +125,16 @@ class Outputs:
 
     def _load(self) -> dict[str, dict[str, Any]]:
         """The latest record of each id in results.jsonl; a last line cut short by a kill is dropped."""
-        records: dict[str, dict[str, Any]] = {}
-        if not self.results_path.exists():
-            return records
-        data = self.results_path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            with self.results_path.open("r+b") as f:  # a partial last line would glue onto the next append
-                f.truncate(end)
-        for text in data[:end].decode("utf-8", errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
-                record = json.loads(text)
-                if isinstance(record, dict) and isinstance(record.get("id"), str):
-                    records[record["id"]] = record
-        return records
+        if self.results_path.exists():
+            data = self.results_path.read_bytes()
+            end = data.rfind(b"\n") + 1
+            if end < len(data):
+                with self.results_path.open("r+b") as f:  # a partial last line would glue onto the next append
+                    f.truncate(end)
+        return read_records(self.results_path)
 
     def _load_classes(self) -> list[str]:
-        if not self.classes_path.exists():
-            return []
-        return [name for name in self.classes_path.read_text(encoding="utf-8").splitlines() if name]
+        return read_classes(self.classes_path)
 
     def done(self, line_id: str) -> bool:
         record = self.records.get(line_id)
@@ -142,30 +154,39 @@ class Outputs:
         self.records[record["id"]] = record
 
     def ok(self, line: Line, result: Finished) -> None:
-        classes = line.classes(len(result.boxes))
-        labels = []
-        for (x, y, w, h), name in zip(result.boxes, classes, strict=True):
-            cx, cy = (x + w / 2) / result.width, (y + h / 2) / result.height
-            labels.append(f"{self.classes.index(name)} {cx:.6f} {cy:.6f} {w / result.width:.6f} "
-                          f"{h / result.height:.6f}\n")
         record = {"id": line.id, "line": line.number, "status": "ok", "seed": result.seed,
-                  "boxes": [list(b) for b in result.boxes], "classes": classes, "file": f"images/{line.id}.png",
-                  "width": result.width, "height": result.height,
+                  "boxes": [list(b) for b in result.boxes], "classes": line.classes(len(result.boxes)),
+                  "file": f"images/{line.id}.png", "width": result.width, "height": result.height,
                   "timings": {k: round(v, 4) for k, v in result.timings.items()}, **result.extra}
+        self.add(record, result.png)
+
+    def labels_of(self, record: dict[str, Any]) -> bytes:
+        """The YOLO label file of an ok record: ``class cx cy w h`` per object, normalised to the image."""
+        width, height = record["width"], record["height"]
+        labels = []
+        for (x, y, w, h), name in zip(record["boxes"], record["classes"], strict=True):
+            cx, cy = (x + w / 2) / width, (y + h / 2) / height
+            labels.append(f"{self.classes.index(name)} {cx:.6f} {cy:.6f} {w / width:.6f} {h / height:.6f}\n")
+        return "".join(labels).encode("utf-8")
+
+    def add(self, record: dict[str, Any], png: bytes) -> None:
+        """An ok record with its image: the image and label first, so an ok record always has its files (files
+        without a record are redone)."""
         with self._lock:
-            # Image and label first: an ok record always has its files; files without a record are redone.
-            atomic_write(self.images / f"{line.id}.png", result.png)
-            atomic_write(self.labels / f"{line.id}.txt", "".join(labels).encode("utf-8"))
+            atomic_write(self.images / f"{record['id']}.png", png)
+            atomic_write(self.labels / f"{record['id']}.txt", self.labels_of(record))
+            self._append(record)
+            self._tick()
+
+    def add_failed(self, record: dict[str, Any]) -> None:
+        with self._lock:
             self._append(record)
             self._tick()
 
     def failed(self, number: int, line_id: str, code: str, field_name: str | None, message: str,
                seed: int | None = None) -> None:
-        record = {"id": line_id, "line": number, "status": "failed", "seed": seed,
-                  "error": {"code": code, "field": field_name, "message": message}}
-        with self._lock:
-            self._append(record)
-            self._tick()
+        self.add_failed({"id": line_id, "line": number, "status": "failed", "seed": seed,
+                         "error": {"code": code, "field": field_name, "message": message}})
 
     def _tick(self) -> None:
         self._since_annotations += 1

@@ -3,6 +3,7 @@ and the shard a line belongs to."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -169,3 +170,40 @@ def local_inputs(line: Line) -> GenerationInputs:
         reference=line.references, background=line.background, reference_mask=line.reference_masks,
         background_mask=line.background_mask, boxes=line.boxes, placement=line.placement,
         placement_area=line.placement_area)
+
+
+# --- shards ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shard:
+    """``--shard INDEX/COUNT``: the lines whose id hashes to ``INDEX`` modulo ``COUNT``.
+
+    The hash is of the line's id alone (SHA-256, not Python's salted ``hash``), so a line's shard never depends on
+    the other lines: adding lines to the manifest does not move finished ones to another shard, and the shards of
+    one manifest are disjoint and cover it."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        index, sep, count = text.partition("/")
+        if not sep or not index.strip().isdigit() or not count.strip().isdigit():
+            raise ValueError(f"expected INDEX/COUNT (e.g. 0/4), got {text!r}")
+        shard = cls(int(index), int(count))
+        if shard.count < 1 or not 0 <= shard.index < shard.count:
+            raise ValueError(f"INDEX must be in 0..COUNT-1 and COUNT at least 1, got {text!r}")
+        return shard
+
+    def holds(self, line_id: str) -> bool:
+        return shard_of(line_id, self.count) == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def shard_of(line_id: str, count: int) -> int:
+    """The shard (0..count-1) of a line id: a stable hash, the same on every machine and Python."""
+    digest = hashlib.sha256(line_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % count

@@ -22,6 +22,7 @@ from dataclasses import MISSING, fields
 from typing import Any
 
 from anydoor_batch import cli as batch_command
+from anydoor_batch import merge as merge_command
 from model.cli import generate as generate_command
 from model.cli import weights as weights_command
 from service.settings import Settings, SettingsError, env_name
@@ -158,7 +159,7 @@ def _signals_exit_cleanly(server: Any) -> Iterator[None]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The whole ``anydoor`` parser: ``generate``, ``batch``, ``weights convert|download``, ``serve``."""
+    """The whole ``anydoor`` parser: ``generate``, ``batch``, ``merge``, ``weights convert|download``, ``serve``."""
     parser = argparse.ArgumentParser(
         prog="anydoor",
         description="AnyDoor Serve: zero-shot object insertion (generate, convert/download weights, serve HTTP).",
@@ -167,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     generate_command.register(sub)
     batch_command.register(sub)
+    merge_command.register(sub)
     weights_command.register(sub)
     register(sub)
     return parser
