@@ -7,8 +7,8 @@ as COCO (``annotations.json``) and YOLO (``labels/<id>.txt``, ``labels/classes.t
 (:mod:`anydoor_batch.dataset`). Running the command again skips every line whose id has an ``ok`` record and an
 image, and retries the rest; a line that finished is never generated again.
 
-Engines: **local** (``--weights`` or ``--demo``, :mod:`anydoor_batch.local`) and **remote** (``--url``,
-repeatable, :mod:`anydoor_batch.remote`).
+Engines: **local** (``--weights`` or ``--demo``, :mod:`anydoor_batch.local`), **remote** (``--url``, repeatable,
+:mod:`anydoor_batch.remote`) and **ray** (``--engine ray``, :mod:`anydoor_batch.ray_engine`, the ``[ray]`` extra).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 from anydoor_batch.dataset import PROG, Outputs
 from anydoor_batch.local import run_local
 from anydoor_batch.manifest import Shard, read_manifest
+from anydoor_batch.ray_engine import INSTALL_HINT, RayOptions, run_ray
 from anydoor_batch.remote import RemoteOptions, run_remote
 from anydoor_batch.report import Report
 from client.transport import check_url
@@ -87,6 +88,22 @@ def register(sub: Any) -> None:
                    help="remote mode: sent as `Authorization: Bearer KEY` [default: $ANYDOOR_API_KEY]")
     p.add_argument("--annotations-every", type=_positive, default=20, metavar="N",
                    help="rewrite annotations.json after every N finished lines (and at the end) [default: 20]")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="with --weights/--demo: generate in this process (local), or with Ray Data (ray: CPU tasks "
+                   "prepare the lines, a pool of actors generates; needs the [ray] extra) [default: local]")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="ray engine: join this Ray cluster (auto, ray://HOST:10001, HOST:PORT) instead of starting "
+                   "a local Ray")
+    p.add_argument("--ray-actors", type=_positive, default=1, metavar="N",
+                   help="ray engine: generation actors, each loading the pipeline once [default: 1]")
+    p.add_argument("--ray-gpus-per-actor", type=float, default=None, metavar="G",
+                   help="ray engine: GPUs per actor [default: 1 where the cluster has GPUs and --device is not cpu, "
+                   "else 0]")
+    p.add_argument("--ray-cpus-per-actor", type=_positive, default=1, metavar="N",
+                   help="ray engine: CPUs per actor, also its torch threads (on CPU the image bytes depend on the "
+                   "thread count: a local run with OMP_NUM_THREADS=N writes the same bytes) [default: 1]")
+    p.add_argument("--ray-cpus", type=_positive, default=None, metavar="N",
+                   help="ray engine: CPUs of the local Ray it starts [default: all]")
     p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
                    help="process only the lines whose id hashes to I modulo N (0 <= I < N): N runs with 0/N .. N-1/N "
                    "into N output directories cover the manifest once; `anydoor merge` joins them")
@@ -142,6 +159,13 @@ def run(args: argparse.Namespace, *, pipeline: Any = None) -> int:
                 resolve_dtype(args.dtype, device)
         except DeviceError as exc:
             return _usage(f"--{exc.setting} {exc.value}: {exc.reason}")
+    if remote and args.engine != "local":
+        return _usage(f"--engine {args.engine} generates with --weights or --demo, not with --url")
+    if args.engine == "ray":
+        try:
+            import ray  # noqa: F401 - only to say at once that the extra is missing
+        except ImportError:
+            return _usage(INSTALL_HINT)
     if args.retries < 0 or not math.isfinite(args.timeout) or args.timeout <= 0:
         return _usage("--retries must be at least 0 and --timeout positive")
     try:
@@ -174,7 +198,13 @@ def run(args: argparse.Namespace, *, pipeline: Any = None) -> int:
         for item in bad_todo:
             report.input_error(item, item.error)
         loaded_s = 0.0
-        if todo and not remote:
+        if todo and args.engine == "ray":
+            report.start_clock()
+            run_ray(todo, report, load_spec_of(args),
+                    RayOptions(args.ray_address, args.ray_actors, args.ray_gpus_per_actor, args.ray_cpus, args.batch,
+                               args.ray_cpus_per_actor),
+                    limits)
+        elif todo and not remote:
             pipe = pipeline
             if pipe is None:
                 from model.pipeline.loader import load_pipeline  # torch loads only when local mode runs

@@ -183,3 +183,37 @@ def test_merge_of_two_manifests_renumbers_images_and_remaps_classes(tmp_path: Pa
     assert len((merged / "results.jsonl").read_text().splitlines()) == 4, "idempotent"
     assert main(["merge", str(tmp_path / "none"), "-o", str(tmp_path / "x")]) == 2
     assert main(["merge", str(one), "-o", str(one)]) == 2
+
+
+@pytest.mark.slow
+def test_the_ray_engine_writes_the_local_engines_bytes(pipe: Any, data: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local Ray (2 CPUs, no dashboard, no usage stats) with one actor of one CPU; the local engine with one torch
+    thread too: on a CPU the bytes depend on the thread count."""
+    pytest.importorskip("ray", reason="the [ray] extra is not installed (CI installs it)")
+    import torch
+
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    manifest = seven_lines(data)
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join([*lines[1:4], json.dumps({"id": "bad", "reference": "reference.png",
+                                                            "background": "background.png",
+                                                            "box": [[600, 460, 100, 100]], **FAST})]) + "\n")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert batch(pipe, manifest, tmp_path / "local") == 1
+    finally:
+        torch.set_num_threads(threads)
+    ray_args = ["--engine", "ray", "--ray-cpus", "2", "--ray-actors", "1", "--ray-cpus-per-actor", "1"]
+    assert main(["batch", str(manifest), "-o", str(tmp_path / "ray"), "--demo", "--device", "cpu", "--quiet",
+                 "--batch", "1", *ray_args]) == 1
+    assert dataset(tmp_path / "ray") == dataset(tmp_path / "local")
+    rows = (tmp_path / "ray" / "results.jsonl").read_text().splitlines()
+    records = {json.loads(r)["id"]: json.loads(r) for r in rows}
+    assert records["bad"]["error"]["code"] == "box_out_of_image" and records["b"]["classes"] == ["reference", "bottle"]
+    # Resumable the same way: finished lines are skipped (not handed to Ray), the failed one is retried.
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ray" / "images").iterdir()}
+    assert main(["batch", str(manifest), "-o", str(tmp_path / "ray"), "--demo", "--device", "cpu", "--quiet",
+                 *ray_args]) == 1
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ray" / "images").iterdir()} == mtimes
