@@ -217,3 +217,26 @@ def test_the_ray_engine_writes_the_local_engines_bytes(pipe: Any, data: Path, tm
     assert main(["batch", str(manifest), "-o", str(tmp_path / "ray"), "--demo", "--device", "cpu", "--quiet",
                  *ray_args]) == 1
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ray" / "images").iterdir()} == mtimes
+
+
+@pytest.fixture(scope="module")
+def server() -> Any:
+    from tests.support.server import ServerProcess
+
+    env = {"ANYDOOR_DEMO": "1", "ANYDOOR_DEVICE": "cpu", "ANYDOOR_WARMUP_STEPS": "1", "OMP_WAIT_POLICY": "PASSIVE",
+           "ANYDOOR_MAX_BATCH": "1"}
+    with ServerProcess(env) as proc:
+        proc.start(timeout=300)
+        yield proc
+
+
+@pytest.mark.slow
+def test_the_remote_engine_writes_the_local_engines_bytes(pipe: Any, data: Path, tmp_path: Path,
+                                                         server: Any) -> None:
+    """The same lines through a real server (batching off, torch's default threads as here) and in this process."""
+    manifest = seven_lines(data)
+    manifest.write_text("\n".join(manifest.read_text().splitlines()[:3]) + "\n")
+    assert batch(pipe, manifest, tmp_path / "local") == 0
+    assert main(["batch", str(manifest), "-o", str(tmp_path / "remote"), "--url", server.url, "--concurrency", "1",
+                 "--quiet"]) == 0
+    assert dataset(tmp_path / "remote") == dataset(tmp_path / "local")
