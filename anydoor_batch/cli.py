@@ -28,7 +28,7 @@ from typing import Any
 from anydoor_batch.dataset import PROG, Outputs
 from anydoor_batch.local import run_local
 from anydoor_batch.manifest import Shard, read_manifest
-from anydoor_batch.ray_engine import INSTALL_HINT, RayOptions, run_ray
+from anydoor_batch.ray_engine import INSTALL_HINT, RayOptions, RaySetupError, run_ray
 from anydoor_batch.remote import RemoteOptions, run_remote
 from anydoor_batch.report import Report
 from client.transport import check_url
@@ -200,10 +200,13 @@ def run(args: argparse.Namespace, *, pipeline: Any = None) -> int:
         loaded_s = 0.0
         if todo and args.engine == "ray":
             report.start_clock()
-            run_ray(todo, report, load_spec_of(args),
-                    RayOptions(args.ray_address, args.ray_actors, args.ray_gpus_per_actor, args.ray_cpus, args.batch,
-                               args.ray_cpus_per_actor),
-                    limits)
+            try:
+                run_ray(todo, report, load_spec_of(args),
+                        RayOptions(args.ray_address, args.ray_actors, args.ray_gpus_per_actor, args.ray_cpus,
+                                   args.batch, args.ray_cpus_per_actor),
+                        limits)
+            except RaySetupError as exc:
+                return _usage(str(exc))
         elif todo and not remote:
             pipe = pipeline
             if pipe is None:

@@ -34,6 +34,10 @@ PREPARE_MEMORY = 512 * 2**20  # a preparing worker: torch and the imaging code (
 INSTALL_HINT = "the Ray engine needs Ray: pip install 'anydoor-serve[ray]' (or pip install 'ray[data]')"
 
 
+class RaySetupError(ValueError):
+    """A Ray configuration that cannot run (a usage error of the command)."""
+
+
 @dataclass(frozen=True)
 class RayOptions:
     address: str | None = None  # an existing cluster ("auto", "ray://host:10001", host:port); None: start one here
@@ -169,6 +173,11 @@ def run_ray(lines: Sequence[Line], report: Report, spec: LoadSpec, options: RayO
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the command has its own
         context.print_on_execution_start = False
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if options.actors * options.cpus_per_actor + 1 > cpus:  # the actors would hold every CPU: nothing prepares
+            raise RaySetupError(f"{options.actors} actor(s) x {options.cpus_per_actor} CPU leave no CPU of the "
+                                f"cluster's {cpus:g} for the preparation tasks; use fewer --ray-actors or "
+                                "--ray-cpus-per-actor, or more --ray-cpus")
         gpus = options.gpus_per_actor
         if gpus is None:
             gpus = 1.0 if spec.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0.0

@@ -217,6 +217,9 @@ def test_the_ray_engine_writes_the_local_engines_bytes(pipe: Any, data: Path, tm
     assert main(["batch", str(manifest), "-o", str(tmp_path / "ray"), "--demo", "--device", "cpu", "--quiet",
                  *ray_args]) == 1
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ray" / "images").iterdir()} == mtimes
+    # Actors that would hold every CPU leave none for the preparation tasks: refused, not a hang.
+    assert main(["batch", str(manifest), "-o", str(tmp_path / "ray2"), "--demo", "--device", "cpu", "--quiet",
+                 "--engine", "ray", "--ray-cpus", "2", "--ray-actors", "2"]) == 2
 
 
 @pytest.fixture(scope="module")
