@@ -36,6 +36,8 @@ COPY pyproject.toml README.md ./
 COPY scripts/setup.sh scripts/setup.sh
 COPY model model
 COPY service service
+COPY client client
+COPY anydoor_batch anydoor_batch
 
 # The CI install (.ci/run runs the same script). The pip cache mount keeps the multi-GB torch wheel between builds.
 # COPY service carries service/static (the /docs and /redoc assets) with the code.

@@ -6,7 +6,7 @@ calls: the same pipeline, the same machine, the same run, interleaved.
 
 Both sides do the same work per image: generate it (one region: case_a's reference, background and mask, a seed
 each) and write it as a PNG. The loop calls ``pipe.generate`` once per image; the batch side runs the real command
-(``model.cli.batch.run``) on a manifest of the same requests, which prepares each line and runs ``--batch`` jobs
+(``anydoor_batch.cli.run``) on a manifest of the same requests, which prepares each line and runs ``--batch`` jobs
 per ``pipe.run``, and also writes results.jsonl and the COCO/YOLO annotations. The model loads once, before
 either, and warms up with one generation. Repeats alternate loop, batch, loop, ... so that a change of machine
 load hits both; the median of each is reported. It prints one line and writes ``--json``
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from _common import REPO, environment, median, write_json  # also puts the repo on sys.path
 
-from model.cli import batch as batch_command
+from anydoor_batch import cli as batch_command
 from model.pipeline import AnyDoorPipeline, GenerationInputs, GenerationParams
 from service.cli import build_parser
 

@@ -1,8 +1,8 @@
 """The ``anydoor`` command line, and ``anydoor serve`` (also ``python -m service``): the HTTP service under uvicorn.
 
-This is the top of the import graph, the one module that assembles both sides: the model-side subcommands
-(``generate``, ``batch``, ``weights``, from :mod:`model.cli`) and ``serve``, registered explicitly in
-:func:`build_parser`.
+This is the top of the import graph, the one module that assembles every side: the model-side subcommands
+(``generate``, ``weights``, from :mod:`model.cli`), the dataset commands (``batch``, ``merge``, from
+:mod:`anydoor_batch`) and ``serve``, registered explicitly in :func:`build_parser`.
 
 Every ``serve`` flag is generated from :class:`service.settings.Settings`, whose fields also name the environment
 variable each flag overrides; ``--help`` shows both. Secrets (the API key) are read from the environment only.
@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import MISSING, fields
 from typing import Any
 
-from model.cli import batch as batch_command
+from anydoor_batch import cli as batch_command
+from anydoor_batch import merge as merge_command
 from model.cli import evaluate as eval_command
 from model.cli import generate as generate_command
 from model.cli import weights as weights_command
@@ -159,7 +160,7 @@ def _signals_exit_cleanly(server: Any) -> Iterator[None]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The whole ``anydoor`` parser: ``generate``, ``batch``, ``weights convert|download``, ``serve``."""
+    """The whole ``anydoor`` parser: ``generate``, ``batch``, ``merge``, ``weights convert|download``, ``serve``."""
     parser = argparse.ArgumentParser(
         prog="anydoor",
         description="AnyDoor Serve: zero-shot object insertion (generate, convert/download weights, serve HTTP).",
@@ -169,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate_command.register(sub)
     batch_command.register(sub)
     eval_command.register(sub)
+    merge_command.register(sub)
     weights_command.register(sub)
     register(sub)
     return parser

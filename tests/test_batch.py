@@ -3,17 +3,13 @@ and fanned out over servers (real ones, and a fake one that answers 429 / 500 / 
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import http.server
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,10 +19,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.cli import batch
+from anydoor_batch import manifest as batch
+from anydoor_batch import remote
 from model.errors import CLIENT_SIDE, ErrorCode
 from model.pipeline.params import GenerationInputs
+from model.spec.files import LocalFiles
 from service.cli import main
+from tests.support.fake import FakeServer
 from tests.support.server import CASE_A, REPO, ServerProcess, free_port, metric, wait_for
 
 needs_regions = pytest.mark.skipif("placement" not in GenerationInputs.__dataclass_fields__,
@@ -281,87 +280,9 @@ def test_local_per_region_references_and_placement(data: Path) -> None:
 # --- remote mode ---------------------------------------------------------------------------------------------------
 
 
-class FakeServer:
-    """A real HTTP server on 127.0.0.1 that records each /predict form and answers by the request's seed: a plan
-    of statuses to answer first (429 with Retry-After: 1, 500, 422), then the documented JSON answer."""
-
-    def __init__(self, plan: dict[str, list[int]]) -> None:
-        self.plan = plan
-        self.requests: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-        fake = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
-                pass
-
-            def do_POST(self) -> None:  # noqa: N802 - the base class's name
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-                    f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode() + body)
-                parts: list[tuple[str, str | None, bytes]] = []
-                for part in message.iter_parts():
-                    payload = part.get_payload(decode=True)
-                    assert isinstance(payload, bytes)
-                    parts.append((str(part.get_param("name", header="content-disposition")), part.get_filename(),
-                                  payload))
-                texts = {name: data.decode() for name, filename, data in parts if filename is None}
-                with fake.lock:
-                    seed = texts.get("seed", "")
-                    earlier = sum(1 for r in fake.requests if r["texts"].get("seed") == seed)
-                    fake.requests.append({"path": self.path, "headers": dict(self.headers), "parts": parts,
-                                          "texts": texts, "time": time.monotonic()})
-                statuses = fake.plan.get(seed, [])
-                status = statuses[earlier] if earlier < len(statuses) else 200
-                if status == 200:
-                    self.answer(200, fake.prediction(parts, texts))
-                else:
-                    code = {429: "overloaded", 500: "internal_error", 422: "box_out_of_image"}[status]
-                    self.answer(status, {"error": code, "field": "box" if status == 422 else None,
-                                         "message": f"{code} (fake)", "request_id": "fake"},
-                                {"Retry-After": "1"} if status == 429 else {})
-
-            def answer(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for name, value in (headers or {}).items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
-
-    @staticmethod
-    def prediction(parts: list[tuple[str, str | None, bytes]], texts: dict[str, str]) -> dict[str, Any]:
-        import base64
-
-        background = next(data for name, _, data in parts if name == "background")
-        with Image.open(io.BytesIO(background)) as image:
-            width, height = image.size
-        png = io.BytesIO()
-        Image.new("RGB", (width, height), (0, 128, 0)).save(png, format="PNG")
-        boxes = [[int(v) for v in value.decode().split(",")] for name, _, value in parts if name == "box"]
-        if "placement" in texts:
-            boxes = [[10 + 40 * i, 300, 30, 30] for i in range(json.loads(texts["placement"])["count"])]
-        return {"image": base64.b64encode(png.getvalue()).decode(), "media_type": "image/png", "width": width,
-                "height": height, "seed": int(texts.get("seed", 42)), "regions": len(boxes), "boxes": boxes,
-                "demo": True, "request_id": "fake", "timings_ms": {"queue": 1.0, "sample": 2.0, "total": 5.0}}
-
-    def __enter__(self) -> FakeServer:
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def test_remote_retries_429_and_5xx_and_sends_the_form(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ANYDOOR_API_KEY", "sekrit")
-    monkeypatch.setattr(batch, "BACKOFF_BASE_S", 0.05)
+    monkeypatch.setattr(remote, "BACKOFF_BASE_S", 0.05)
     manifest = write_manifest(data, [
         line(id="busy", box=[[40, 60, 120, 100], [300, 200, 150, 150]], seed=1, shape_control=True),
         line(id="refused", box=[[600, 460, 100, 100]], seed=2),
@@ -415,7 +336,7 @@ def test_remote_retries_429_and_5xx_and_sends_the_form(data: Path, monkeypatch: 
 
 
 def test_remote_gives_up_on_a_dead_server(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(batch, "BACKOFF_BASE_S", 0.01)
+    monkeypatch.setattr(remote, "BACKOFF_BASE_S", 0.01)
     manifest = write_manifest(data, [line(box=[[1, 2, 30, 40]])])
     out = data.parent / "out"
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
@@ -528,7 +449,7 @@ def test_manifest_files_stay_in_the_manifest_directory(data: Path, tmp_path: Pat
                    "newline": ("invalid_file_name", "reference"), "zero": ("path_outside_base", "reference")}
     assert "--allow-paths-outside" in next(b for b in bad if b.id == "up").error.message
     # allowed outside: a regular file outside is fine, a device still is not
-    files = batch.LocalFiles(data, confine=False)
+    files = LocalFiles(data, confine=False)
     lines, bad, _ = batch.read_manifest(manifest, files=files)
     assert {x.id for x in lines} == {"passwd", "up", "link"}
     assert {b.id: b.error.code.value for b in bad} == {"dir": "not_a_file", "newline": "invalid_file_name",

@@ -155,8 +155,8 @@ def _python_files(*roots: str) -> list[Path]:
 def test_every_code_has_a_status_and_is_raised_somewhere() -> None:
     assert set(HTTP_STATUS) | CLIENT_SIDE == set(ErrorCode) and not set(HTTP_STATUS) & CLIENT_SIDE
     used: set[str] = set()
-    for path in _python_files("model", "service"):
-        if path.name == "errors.py":
+    for path in _python_files("model", "service", "client", "anydoor_batch"):
+        if path in (REPO / "model" / "errors.py", REPO / "service" / "errors.py"):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "ErrorCode":
@@ -194,6 +194,39 @@ def _imports(path: Path) -> list[str]:
 def test_model_never_imports_the_web_stack(path: Path) -> None:
     bad = [name for name in _imports(path) if name.split(".")[0] in WEB]
     assert not bad, f"{path.relative_to(REPO)} imports {bad}"
+
+
+NETWORK = ("http.client", "urllib.request", "socket", "http.server", "ssl")
+NETWORK_ALLOWED = {Path("model/weights/download.py")}  # fetching weights by URL is the one network use below the top
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "model").rglob("*.py")), ids=lambda p: str(p.relative_to(REPO)))
+def test_model_never_opens_a_network_connection(path: Path) -> None:
+    """HTTP clients live in the top layer (client/, anydoor_batch/); the model only downloads weights."""
+    if path.relative_to(REPO) in NETWORK_ALLOWED:
+        return
+    bad = [name for name in _imports(path) if any(name == n or name.startswith(n + ".") for n in NETWORK)]
+    assert not bad, f"{path.relative_to(REPO)} imports {bad}: network code belongs in client/ or anydoor_batch/"
+
+
+def test_the_top_layers_stay_apart() -> None:
+    """client/ needs only the standard library and the request spec; anydoor_batch/ never imports the service, and
+    nothing below them imports them."""
+    for path in (REPO / "client").rglob("*.py"):
+        for name in _imports(path):
+            top = name.split(".")[0]
+            assert top in sys.stdlib_module_names or top == "client" or name in (
+                "model.errors", "model.spec.codecs", "model.spec.files", "model.spec.inputs", "model.spec.placement",
+                "PIL"), f"{path.relative_to(REPO)} imports {name}"
+    for path in (REPO / "anydoor_batch").rglob("*.py"):
+        bad = [name for name in _imports(path) if name.split(".")[0] in (*WEB, "predict", "tests", "benchmarks")]
+        assert not bad, f"{path.relative_to(REPO)} imports {bad}"
+    for path in [*(REPO / "model").rglob("*.py"), *(REPO / "client").rglob("*.py")]:
+        bad = [name for name in _imports(path) if name.split(".")[0] == "anydoor_batch"]
+        assert not bad, f"{path.relative_to(REPO)} imports {bad}"
+    for path in (REPO / "model").rglob("*.py"):
+        bad = [name for name in _imports(path) if name.split(".")[0] == "client"]
+        assert not bad, f"{path.relative_to(REPO)} imports {bad}"
 
 
 def test_service_imports_only_downwards() -> None:

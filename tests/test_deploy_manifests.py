@@ -148,6 +148,89 @@ def test_weights_volume_holds_the_configured_weights(deployment: dict[str, Any])
     assert command[command.index("--dest") + 1] == job["containers"][0]["volumeMounts"][0]["mountPath"]
 
 
+# Files under deploy/kubernetes/ that are not Kubernetes API objects: kustomize's own file, a Helm values file and
+# a Prometheus scrape-config fragment. Everything else must validate against the Kubernetes schemas.
+NOT_API_OBJECTS = {"kustomization.yaml", "prometheus-adapter-values.yaml", "prometheus-scrape-config.yaml"}
+# The oldest version the Indexed Job needs (backoffLimitPerIndex and FailIndex are on by default from 1.29; 1.30
+# is the oldest still in common support) and the newest schema kubernetes-validate bundles.
+K8S_VERSIONS = ("1.30.0", "1.37.0")
+
+
+def k8s_documents() -> list[tuple[str, dict[str, Any]]]:
+    return [(path.name, doc) for path in sorted(K8S.glob("*.y*ml")) if path.name not in NOT_API_OBJECTS
+            for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def test_every_kubernetes_manifest_validates_against_the_schemas() -> None:
+    """Offline: kubernetes-validate bundles the API's JSON schemas. Strict: an unknown or misspelt field fails."""
+    import kubernetes_validate
+
+    documents = k8s_documents()
+    assert {name for name, _ in documents} >= {"deployment.yaml", "batch-job.yaml", "batch-merge-job.yaml"}
+    for version in K8S_VERSIONS:
+        for name, doc in documents:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{name} (Kubernetes {version}): {exc.message} at {'.'.join(map(str, exc.path))}")
+    for path in K8S.glob("*.y*ml"):  # the exceptions really are not API objects
+        if path.name in NOT_API_OBJECTS and path.name != "kustomization.yaml":
+            docs = list(yaml.safe_load_all(path.read_text()))
+            assert all(not isinstance(d, dict) or "apiVersion" not in d for d in docs), path.name
+    bad = json.loads(json.dumps(load_k8s("batch-job.yaml")))
+    bad["spec"]["completionsMode"] = bad["spec"].pop("completionMode")  # a typo is caught, not ignored
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSIONS[-1], strict=True)
+
+
+def _expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion in a container's command."""
+    return re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), text)
+
+
+def test_batch_job_runs_one_shard_per_index() -> None:
+    from anydoor_batch.manifest import Shard
+    from service.cli import build_parser
+
+    job = load_k8s("batch-job.yaml")
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["backoffLimitPerIndex"] >= 1
+    assert 1 <= spec["parallelism"] <= spec["completions"]
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"  # backoffLimitPerIndex needs it
+    (container,) = pod["containers"]
+    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == 1
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    index_ref = next(e for e in container["env"] if e["name"] == "JOB_COMPLETION_INDEX")["valueFrom"]["fieldRef"]
+    assert index_ref["fieldPath"] == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert int(env["SHARDS"] or 0) == spec["completions"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]}
+    outputs = set()
+    for index in range(spec["completions"]):
+        command = [_expand(arg, {"JOB_COMPLETION_INDEX": str(index), "SHARDS": env["SHARDS"] or ""})
+                   for arg in container["command"]]
+        assert command[:2] == ["anydoor", "batch"]
+        args = build_parser().parse_args(command[1:])  # the real command line parser
+        assert args.shard == Shard(index, spec["completions"])
+        for path in (args.manifest, args.output, Path(args.weights)):
+            assert any(path.is_relative_to(mount) for mount in mounts), f"{path} is on a volume"
+        outputs.add(args.output)
+    assert len(outputs) == spec["completions"], "one output directory per shard"
+    assert volumes[mounts["/data"]] == load_k8s("batch-data-pvc.yaml")["metadata"]["name"]
+    assert volumes[mounts["/weights"]] == load_k8s("weights-pvc.yaml")["metadata"]["name"]
+    assert "ReadWriteMany" in load_k8s("batch-data-pvc.yaml")["spec"]["accessModes"]
+
+    merge = load_k8s("batch-merge-job.yaml")["spec"]["template"]["spec"]
+    (merger,) = merge["containers"]
+    script = shlex.split(merger["command"][-1])
+    assert script[:3] == ["exec", "anydoor", "merge"]
+    shard_dirs = [str(o) for o in sorted(outputs)]
+    merged = build_parser().parse_args([a for arg in script[2:] for a in (shard_dirs if "*" in arg else [arg])])
+    assert [str(p) for p in merged.inputs] == shard_dirs and str(merged.output).startswith("/data/")
+    assert merge["volumes"][0]["persistentVolumeClaim"]["claimName"] == volumes[mounts["/data"]]
+
+
 def test_service_routes_to_the_container_port(deployment: dict[str, Any]) -> None:
     service = load_k8s("service.yaml")
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]

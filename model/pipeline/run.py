@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.config import AnyDoorConfig, tiny_config
+from model.config import AnyDoorConfig, released_config, tiny_config
 from model.diffusion.guidance import guided_denoiser
 from model.diffusion.samplers import SAMPLERS, ProgressFn
 from model.diffusion.schedule import ddim_timesteps
@@ -47,6 +47,13 @@ from model.spec.params import SEED_MAX
 
 CancelFn = Callable[[], bool]
 DECODE_BATCH = 2  # latents decoded together
+
+
+class _ConfigOnly:
+    """Stands in for the networks in :meth:`AnyDoorPipeline.preparer`: the config, nothing to run."""
+
+    def __init__(self, config: AnyDoorConfig) -> None:
+        self.config = config
 
 
 class AnyDoorPipeline:
@@ -84,6 +91,18 @@ class AnyDoorPipeline:
             model = AnyDoorModel(tiny_config())
         model = model.to(resolve_device(device)).eval().requires_grad_(False)
         return cls(model, is_demo=True, weights_name="demo (tiny random)")
+
+    @classmethod
+    def preparer(cls, config: AnyDoorConfig | None = None, *, refiner_hint: str | None = None) -> AnyDoorPipeline:
+        """A pipeline without networks that can only :meth:`prepare`: for CPU workers that prepare jobs which a
+        GPU worker elsewhere runs (``anydoor batch --engine ray``). Its jobs are the full pipeline's (the same
+        crops, boxes and initial noise, which need only the config's latent shape); ``run`` is not available, nor
+        ``refine_reference_mask`` (no refiner: prepare those where the refiner is loaded)."""
+        pipe = cls.__new__(cls)
+        pipe.model = _ConfigOnly(config or released_config())  # type: ignore[assignment]
+        pipe.is_demo, pipe.weights_name, pipe.max_batch_items, pipe.mask_refiner = False, "", 8, None
+        pipe.refiner_hint = refiner_hint or "prepare it where the refiner is loaded"
+        return pipe
 
     def compile_networks(self, **options: Any) -> AnyDoorPipeline:
         """``torch.compile`` the UNet and the ControlNet in place (their keys are unchanged).
