@@ -53,6 +53,9 @@ class CogServer:
             return json.loads(r.read())
 
     def predict(self, **inputs: Any) -> dict[str, Any]:
+        # Cog hands its one prediction slot back just after answering: a request sent at once can find it busy
+        # ("At capacity"), which is Cog's behaviour, not the predictor's, so wait for READY first.
+        self.wait_ready()
         request = urllib.request.Request(
             self.url + "/predictions",
             data=json.dumps({"input": inputs}).encode(),
