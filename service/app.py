@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from model.errors import ErrorCode
 from service.api import router
 from service.api.health import HeadAsGet
-from service.api.studio import STUDIO_ASSETS, STUDIO_ASSETS_URL
+from service.api.studio import STUDIO_ASSETS, STUDIO_ASSETS_URL, StudioFiles
 from service.errors import ServiceError, error_response
 from service.inference import InferenceService
 from service.metrics import Metrics
@@ -90,7 +90,7 @@ def create_app(settings: Settings | None = None, *, load: Callable[[], Pipeline]
     app.include_router(router)
     app.include_router(predictions_router)
     app.mount(DOCS_ASSETS_URL, StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
-    app.mount(STUDIO_ASSETS_URL, StaticFiles(directory=STUDIO_ASSETS), name="studio-assets")  # the page at /
+    app.mount(STUDIO_ASSETS_URL, StudioFiles(directory=STUDIO_ASSETS), name="studio-assets")  # the page at /
 
     def docs_base(request: Request) -> str:
         return str(request.scope.get("root_path", "")).rstrip("/")  # behind a proxy prefix, as FastAPI's own

@@ -1,15 +1,17 @@
 """The studio page (``GET /``) in a real headless Chromium against the real service with the demo model.
 
 Selenium drives the page as a person would: it uploads the fixture images into the file inputs, drags a target
-box on the canvas with mouse events, edits the generated parameter controls and runs. The page talks to the
-server over ``POST /predict`` with ``Accept: text/event-stream``; the tests watch its progress bar advance and
-check the result image, the seed, the errors and the API-key prompt. The first test saves ``docs/studio.png``.
+box (or a placement area) on the canvas with mouse events, edits the generated parameter controls and runs. The
+page talks to the server over ``POST /predict`` with ``Accept: text/event-stream``; the tests watch its progress
+bar advance and check the result image, the seed, the candidates' gallery, the errors and the API-key prompt.
+The gallery test saves ``docs/studio.png``.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import shutil
@@ -20,8 +22,9 @@ from typing import Any
 
 import httpx
 import pytest
-from PIL import Image
+from PIL import Image, ImageChops, ImageStat
 
+from service.api.studio import STUDIO_ASSETS
 from tests.support.server import CASE_A, ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -37,9 +40,10 @@ from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.remote.webelement import WebElement  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 DEMO_ENV = {"ANYDOOR_DEMO": "1", "ANYDOOR_DEVICE": "cpu", "ANYDOOR_WARMUP_STEPS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 API_KEY = "studio-test-key"
@@ -53,10 +57,11 @@ CHROME_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-de
 RUN_TIMEOUT = 180  # seconds for one generation on a shared CPU
 
 # Installed before each run: logs what the page does that the tests check afterwards. The status and
-# Content-Type of every /predict answer (the event stream, not a fallback), each value the progress bar takes (the
-# page sets aria-valuenow with setAttribute) and each text the progress line shows. The hooks go in once per page.
+# Content-Type of every /predict answer (the event stream, not a fallback) and its whole text (read from a clone,
+# so the page reads its own copy), each value the progress bar takes (the page sets aria-valuenow with
+# setAttribute) and each text the progress line shows. The hooks go in once per page.
 WATCH = """
-window.__log = {predict: [], progress: [], text: []};
+window.__log = {predict: [], bodies: [], progress: [], text: []};
 if (!window.__watching) {
   window.__watching = true;
   const realFetch = window.fetch;
@@ -64,6 +69,7 @@ if (!window.__watching) {
     const response = await realFetch(...args);
     if (String(args[0]).endsWith('predict')) {
       window.__log.predict.push([response.status, response.headers.get('Content-Type')]);
+      response.clone().text().then((text) => window.__log.bodies.push(text));
     }
     return response;
   };
@@ -232,25 +238,54 @@ def test_the_page_is_served_at_root_and_studio_with_its_assets_from_the_service(
         assert "http://" not in html and "https://" not in html  # nothing from another host
         for asset in re.findall(r'(?:src|href)="(static/studio/[^"]+)"', html):
             assert client.get(f"/{asset}").status_code == 200, asset
-        assert len(re.findall(r'(?:src|href)="static/studio/', html)) == 2
-        for name in ("studio.js", "studio.css"):
-            text = client.get(f"/static/studio/{name}").text
-            assert not re.search(r"https?://", text), name
+        # The stylesheet and one module script, which imports the others (native ES modules, no build step).
+        assert re.findall(r'(?:src|href)="(static/studio/[^"]+)"', html) == ["static/studio/studio.css",
+                                                                           "static/studio/main.js"]
+        assert '<script type="module" src="static/studio/main.js">' in html
+        modules = sorted(path.name for path in STUDIO_ASSETS.glob("*.js"))
+        assert {"main.js", "api.js", "controls.js", "editors.js", "gallery.js"} <= set(modules), modules
+        imported = set()
+        for name in [*modules, "studio.css"]:
+            asset = client.get(f"/static/studio/{name}")
+            assert asset.status_code == 200, name
+            assert not re.search(r"https?://", asset.text), name
+            if name.endswith(".js"):
+                # Browsers run a module only with a JavaScript media type, whatever the host's MIME table says.
+                assert asset.headers["content-type"] == "text/javascript; charset=utf-8", name
+                for spec in re.findall(r'^import .* from "([^"]+)";$', asset.text, re.MULTILINE):
+                    assert re.fullmatch(r"\./[a-z]+\.js", spec), (name, spec)  # this folder only
+                    imported.add(spec[2:])
+            else:
+                assert asset.headers["content-type"] == "text/css; charset=utf-8"
+        assert imported | {"main.js"} == set(modules)  # every module is used, and main.js is the entry
         assert "/" not in client.get("/openapi.json").json()["paths"]  # the page is not part of the API
 
 
 def test_controls_are_generated_from_the_openapi_form_schema(server: ServerProcess, browser: WebDriver) -> None:
     open_studio(browser, server.url + "/studio")
-    schema = httpx.get(server.url + "/openapi.json").json()["paths"]["/predict"]["post"]["requestBody"]["content"][
-        "multipart/form-data"]["schema"]["properties"]
-    # Everything but the files and the boxes is a parameter control.
+    spec = httpx.get(server.url + "/openapi.json").json()
+    schema = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"][
+        "properties"]
+    # Everything but the files, the boxes and the placement object is a parameter control.
     def is_file(prop: dict) -> bool:  # one file, or several (references, their masks)
         return "binary" in (prop.get("format"), prop.get("items", {}).get("format"))
 
-    params = {name: prop for name, prop in schema.items() if not is_file(prop) and name != "box"}
+    params = {name: prop for name, prop in schema.items() if not is_file(prop) and name not in ("box", "placement")}
     assert "steps" in params and "seed" in params
+    # Two groups, each in the schema's order: the parameters marked basic, then the rest in a closed <details>.
+    basic = [name for name, prop in params.items() if prop.get("x-group") == "basic"]
+    advanced = [name for name in params if name not in basic]
+    assert basic == ["steps", "guidance_scale", "seed", "num_outputs"]
     shown = [el.get_attribute("name") for el in browser.find_elements(By.CSS_SELECTOR, "#params [name]")]
-    assert shown == list(params)  # every parameter, in the schema's order, and nothing else
+    assert shown == basic + advanced  # every parameter, and nothing else
+    assert [el.get_attribute("name") for el in browser.find_elements(
+        By.CSS_SELECTOR, "#params-basic [name]")] == basic
+    details = by_id(browser, "params-advanced")
+    assert details.tag_name == "details" and details.get_attribute("open") is None
+    assert [el.get_attribute("name") for el in details.find_elements(By.CSS_SELECTOR, "[name]")] == advanced
+    assert not by_id(browser, "param-sampler").is_displayed()
+    details.find_element(By.TAG_NAME, "summary").click()  # opened, the advanced ones show
+    assert by_id(browser, "param-sampler").is_displayed()
     for name, prop in params.items():
         control = by_id(browser, f"param-{name}")
         label = browser.find_element(By.CSS_SELECTOR, f"label[for='param-{name}']")
@@ -275,6 +310,29 @@ def test_controls_are_generated_from_the_openapi_form_schema(server: ServerProce
             assert control.get_attribute("type") == "text"
     if "refine_reference_mask" in schema:
         assert by_id(browser, "param-refine_reference_mask").get_attribute("type") == "checkbox"
+
+    # The placement options: one control per property of the Placement component the field refers to.
+    ref = schema["placement"]["allOf"][0]["$ref"]
+    assert ref == "#/components/schemas/Placement"
+    placement = spec["components"]["schemas"]["Placement"]
+    options = browser.find_elements(By.CSS_SELECTOR, "#placement-fields [name]")
+    assert [el.get_attribute("name") for el in options] == list(placement["properties"])
+    assert by_id(browser, "placement-fields").get_attribute("disabled")  # until a placement area is drawn
+    for key, prop in placement["properties"].items():
+        control = by_id(browser, f"placement-{key}")
+        label = browser.find_element(By.CSS_SELECTOR, f"label[for='placement-{key}']").text
+        assert label == (f"{key} (required)" if key in placement["required"] else key)
+        assert by_id(browser, control.get_attribute("aria-describedby")).text.startswith(prop["description"][:30])
+        if prop["type"] == "boolean":
+            assert control.get_attribute("type") == "checkbox" and control.is_selected() is prop["default"]
+        elif prop.get("format") == "int64":
+            assert control.get_attribute("type") == "text"
+        else:
+            assert control.get_attribute("type") == "number"
+            assert float(control.get_attribute("min")) == prop["minimum"]
+            assert float(control.get_attribute("max")) == prop["maximum"]
+            value = control.get_attribute("value")
+            assert float(value) == prop["default"] if "default" in prop else value == ""
 
     # Every control of the page (the editors' tools appear with their images) has a label.
     load_images(browser)
@@ -309,8 +367,8 @@ def test_a_box_dragged_on_the_background_gives_a_result_over_the_event_stream(
     assert by_id(browser, "error").get_attribute("hidden")
     seed, png = assert_result(browser)
     assert by_id(browser, "result-regions").text.startswith("1")
-    save_screenshot(browser)
-    assert SCREENSHOT.stat().st_size < 500_000
+    assert by_id(browser, "gallery-wrap").get_attribute("hidden")  # one output: no gallery
+    assert by_id(browser, "result-scores").text.startswith("identity ")
 
     # The seed goes back into the seed control for reuse, exactly (seeds go past 2^53, where JavaScript numbers
     # round): the same inputs and seed give the same PNG.
@@ -320,6 +378,169 @@ def test_a_box_dragged_on_the_background_gives_a_result_over_the_event_stream(
     run_and_wait(browser, "result")
     assert_ran_over_the_event_stream(browser)
     assert assert_result(browser) == (seed, png)
+
+
+def result_event(driver: WebDriver) -> dict[str, Any]:
+    """The JSON of the ``result`` event of the last /predict stream, as the server sent it."""
+    wait(driver).until(lambda d: d.execute_script("return window.__log.bodies.length") == 1)
+    text: str = driver.execute_script("return window.__log.bodies[0]")
+    frames = [frame.split("\n") for frame in text.split("\n\n")]
+    data = [line[6:] for lines in frames if "event: result" in lines for line in lines if line.startswith("data: ")]
+    assert len(data) == 1, text[:500]
+    body: dict[str, Any] = json.loads(data[0])
+    return body
+
+
+def download_bytes(driver: WebDriver) -> bytes:
+    """The bytes behind the download link (a blob: URL), read by the page."""
+    b64: str = driver.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        fetch(document.getElementById('download').href).then((r) => r.arrayBuffer()).then((buf) => {
+          let s = ''; for (const b of new Uint8Array(buf)) s += String.fromCharCode(b); done(btoa(s));
+        });""")
+    return base64.b64decode(b64)
+
+
+def chosen(driver: WebDriver) -> list[str]:
+    return [el.get_attribute("aria-checked") for el in driver.find_elements(By.CSS_SELECTOR, "#gallery .candidate")]
+
+
+def assert_shows_candidate(driver: WebDriver, body: dict[str, Any], index: int) -> None:
+    """Candidate ``index`` of the answer is the one chosen, shown, and behind the download link."""
+    candidate = body["candidates"][index]
+    assert chosen(driver) == ["true" if i == index else "false" for i in range(len(body["candidates"]))]
+    assert by_id(driver, "seed").text == str(candidate["seed"])
+    assert by_id(driver, "result-candidate").text == f"{index + 1} of {len(body['candidates'])}"
+    assert by_id(driver, "result-scores").text.startswith(f"identity {candidate['scores']['identity']:.3f}")
+    assert by_id(driver, "result-image").get_attribute("src") == by_id(driver, "download").get_attribute("href")
+    assert download_bytes(driver) == base64.b64decode(candidate["image"])
+
+
+def test_candidates_show_as_a_gallery_with_scores_and_one_is_chosen_by_mouse_or_keyboard(
+        server: ServerProcess, browser: WebDriver) -> None:
+    open_studio(browser, server.url + "/")
+    load_images(browser)
+    drag_box(browser)
+    set_value(browser, "param-steps", "2")
+    set_value(browser, "param-num_outputs", "3")  # a basic parameter: shown without opening the advanced ones
+    run_and_wait(browser, "result")
+    assert_ran_over_the_event_stream(browser)
+    body = result_event(browser)
+    candidates = body["candidates"]
+    assert len(candidates) == 3
+    identities = [c["scores"]["identity"] for c in candidates]
+    assert identities == sorted(identities, reverse=True)  # best first, as the server ranked them
+
+    # Three images, each with its rank, scores and seed, in the server's order; the best is chosen at first.
+    buttons = browser.find_elements(By.CSS_SELECTOR, "#gallery .candidate")
+    assert len(buttons) == 3
+    assert by_id(browser, "gallery").get_attribute("role") == "radiogroup"
+    wait(browser).until(lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#gallery img')].every((i) => i.complete && i.naturalWidth === 640)"))
+    for i, (button, candidate) in enumerate(zip(buttons, candidates, strict=True)):
+        assert button.get_attribute("role") == "radio" and button.tag_name == "button"
+        text = button.text
+        assert text.startswith(f"#{i + 1}") and f"seed {candidate['seed']}" in text, text
+        assert f"identity {candidate['scores']['identity']:.3f}" in text, text
+        psnr = candidate["scores"]["background_psnr"]
+        assert (f"background PSNR {psnr:.1f} dB" if psnr is not None else "background unchanged") in text, text
+    assert_shows_candidate(browser, body, 0)
+    assert [b.get_attribute("tabindex") for b in buttons] == ["0", "-1", "-1"]  # one tab stop for the group
+    assert by_id(browser, "download").get_attribute("download") == f"anydoor-{candidates[0]['seed']}.png"
+    save_screenshot(browser)
+    assert SCREENSHOT.stat().st_size < 500_000
+
+    # A click chooses one: the result, the seed, the scores and the download become its.
+    buttons[2].click()
+    assert_shows_candidate(browser, body, 2)
+    assert by_id(browser, "download").get_attribute("download") == f"anydoor-{candidates[2]['seed']}.png"
+    assert "Candidate 3 of 3 chosen" in by_id(browser, "status").text
+
+    # The keyboard: the arrow keys move the choice (and the focus) inside the group, Enter and Space choose.
+    assert browser.switch_to.active_element == buttons[2]
+    buttons[2].send_keys(Keys.ARROW_RIGHT)  # wraps around to the first
+    assert_shows_candidate(browser, body, 0)
+    assert browser.switch_to.active_element == buttons[0]
+    assert browser.execute_script("return document.activeElement.matches(':focus-visible')")
+    buttons[0].send_keys(Keys.ARROW_RIGHT)
+    assert_shows_candidate(browser, body, 1)
+    browser.execute_script("arguments[0].focus()", buttons[2])
+    buttons[2].send_keys(Keys.ENTER)
+    assert_shows_candidate(browser, body, 2)
+    browser.execute_script("arguments[0].focus()", buttons[0])
+    buttons[0].send_keys(Keys.SPACE)
+    assert_shows_candidate(browser, body, 0)
+
+    # The chosen seed goes back into the seed control: with one output it reproduces that candidate exactly.
+    buttons[1].click()
+    by_id(browser, "seed").click()
+    assert by_id(browser, "param-seed").get_attribute("value") == str(candidates[1]["seed"])
+    set_value(browser, "param-num_outputs", "1")
+    run_and_wait(browser, "result")
+    assert by_id(browser, "gallery-wrap").get_attribute("hidden")  # a single output shows as before
+    # Its seed, and its image up to rounding: a batch of candidates and a single generation are not
+    # bit-identical on CPU (the batched matrix products round differently), so only the pixels' mean is compared.
+    again = result_event(browser)
+    assert str(again["seed"]) == by_id(browser, "seed").text == str(candidates[1]["seed"])
+    single, candidate = (Image.open(io.BytesIO(data)).convert("RGB")
+                         for data in (download_bytes(browser), base64.b64decode(candidates[1]["image"])))
+    assert max(ImageStat.Stat(ImageChops.difference(single, candidate)).mean) < 1.0
+
+    # Another format: the link's extension and media type follow the answer's.
+    set_value(browser, "param-num_outputs", "2")
+    browser.find_element(By.CSS_SELECTOR, "#params-advanced summary").click()
+    Select(by_id(browser, "param-output_format")).select_by_value("jpeg")
+    run_and_wait(browser, "result")
+    body = result_event(browser)
+    assert body["media_type"] == "image/jpeg" and len(body["candidates"]) == 2
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#gallery .candidate")) == 2
+    browser.find_elements(By.CSS_SELECTOR, "#gallery .candidate")[1].click()
+    assert_shows_candidate(browser, body, 1)
+    link = by_id(browser, "download")
+    assert link.get_attribute("download") == f"anydoor-{body['candidates'][1]['seed']}.jpg"
+    assert link.get_attribute("type") == "image/jpeg" and "JPEG" in link.text
+    assert download_bytes(browser)[:3] == b"\xff\xd8\xff"
+
+
+def test_a_placement_area_and_the_generated_placement_options_place_the_boxes_asked(
+        server: ServerProcess, browser: WebDriver) -> None:
+    open_studio(browser, server.url + "/")
+    load_images(browser)
+    browser.find_element(By.CSS_SELECTOR, "label:has(#background-tool-area)").click()
+    area = drag_box(browser)  # the same drag, with the placement-area tool: a rectangle, not a box
+    targets = [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#targets li")]
+    assert len(targets) == 1 and targets[0].startswith("Placement area: "), targets
+    shown = [int(v) for v in re.search(r"(\d+),(\d+),(\d+),(\d+)", targets[0]).groups()]  # type: ignore[union-attr]
+    assert all(abs(a - b) <= 3 for a, b in zip(shown, area, strict=True)), (shown, area)
+    assert not by_id(browser, "placement-fields").get_attribute("disabled")  # the options apply now
+    set_value(browser, "placement-count", "2")
+    set_value(browser, "placement-min_size", "40")
+    set_value(browser, "placement-max_size", "70")
+    set_value(browser, "placement-min_gap", "4")
+    set_value(browser, "placement-seed", "9223372036854775807")  # int64 kept exact
+    set_value(browser, "param-steps", "2")
+    run_and_wait(browser, "result")
+    assert_ran_over_the_event_stream(browser)
+    body = result_event(browser)
+    assert body["regions"] == 2 and len(body["boxes"]) == 2, body["boxes"]
+    x0, y0, w0, h0 = shown
+    for x, y, w, h in body["boxes"]:  # inside the drawn area, of the sizes asked
+        assert x0 <= x and y0 <= y and x + w <= x0 + w0 and y + h <= y0 + h0, (body["boxes"], shown)
+        assert 40 <= max(w, h) <= 70, (w, h)
+    assert by_id(browser, "result-regions").text.startswith("2")
+    assert_result(browser)
+
+    # An option out of its bounds: the server names the placement field, the page marks that option.
+    set_value(browser, "placement-count", "0")
+    run_and_wait(browser, "error")
+    code, field, _ = shown_error(browser)
+    assert (code, field) == ("out_of_range", "placement"), shown_error(browser)
+    assert by_id(browser, "placement-count").get_attribute("aria-invalid") == "true"
+
+    # Removing the area (the keyboard way) turns the options off again.
+    browser.find_element(By.CSS_SELECTOR, "#targets button[aria-label='Remove the placement area']").click()
+    assert by_id(browser, "placement-fields").get_attribute("disabled")
+    assert by_id(browser, "background-note").text == "Mark at least one target."
 
 
 def drag(driver: WebDriver, element: WebElement, start: tuple[int, int], moves: list[tuple[int, int]]) -> None:

@@ -79,8 +79,9 @@ class GenerationParams:
         ge=0.0, le=0.3)
     num_outputs: int = spec_field(
         1, "Candidates to generate, run together as one batch (each counts like a region against the batch "
-        "size); candidate k uses seed `seed + k`, so any one is reproduced by a single request with its seed. "
-        "They are ranked by identity score, best first; an image answer is the best one.", "int", ge=1, le=8,
+        "size); candidate k uses seed `seed + k`, so any one is reproduced by a single request with its seed "
+        "(within one level of 8 bits: a batch rounds differently). They are ranked by identity score, best first; "
+        "an image answer is the best one.", "int", ge=1, le=8,
         basic=True)
     output_format: str = spec_field(
         "png", "The answer's image format: `png` (lossless), `jpeg` or `webp` (lossy, `output_quality`; several "
