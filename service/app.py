@@ -1,5 +1,8 @@
 """The app factory: ``uvicorn service.app:create_app --factory`` or ``anydoor serve``.
 
+Both get the connection guards of :mod:`service.connections`: ``anydoor serve`` passes them to uvicorn, and under
+plain uvicorn the app installs them itself at the lifespan startup (:class:`service.connections.ConnectionGuards`).
+
 The lifespan starts the GPU worker, which loads the weights and runs a warm-up generation in the background
 (``/health/ready`` answers 503 meanwhile), and on shutdown drains it. Draining starts the moment SIGTERM or
 SIGINT arrives, before uvicorn's own shutdown: the lifespan chains a handler in front of uvicorn's that marks the
@@ -32,6 +35,7 @@ from model.errors import ErrorCode
 from service.api import router
 from service.api.health import HeadAsGet
 from service.api.studio import STUDIO_ASSETS, STUDIO_ASSETS_URL
+from service.connections import ConnectionGuards
 from service.errors import ServiceError, error_response
 from service.inference import InferenceService
 from service.metrics import Metrics
@@ -107,7 +111,8 @@ def create_app(settings: Settings | None = None, *, load: Callable[[], Pipeline]
 
     app.add_middleware(HeadAsGet)  # added first: innermost, so the outer middleware sees and counts HEAD as HEAD
     app.add_middleware(AdmissionGate, service=service)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)  # added last: outermost
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    app.add_middleware(ConnectionGuards, settings=settings)  # on the lifespan: the protocol guards under uvicorn
 
     def count(request: Request) -> Metrics | None:
         """Failures are counted for /predict only."""
