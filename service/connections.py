@@ -82,8 +82,11 @@ EVICT_AFTER_S = 0.25  # real clients send their request head within milliseconds
 # Routes a reserve connection may use: cheap, and what orchestrators and monitoring need while the server is full.
 RESERVE_PATHS = frozenset({"/health/live", "/health/ready", "/health-check", "/metrics"})
 _OUT_OF_FDS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-# No body: the client gets the status before the close; a partial request has nothing better to hear.
-_REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+# The service's JSON error body (code request_timeout), written straight to the socket before the close.
+_TIMEOUT_BODY = (b'{"error":"request_timeout","field":null,"message":"the request head or body did not arrive in time",'
+                 b'"request_id":null}')
+_REQUEST_TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: "
+                    + str(len(_TIMEOUT_BODY)).encode() + b"\r\nconnection: close\r\n\r\n" + _TIMEOUT_BODY)
 
 
 @dataclass(frozen=True)
@@ -543,7 +546,8 @@ class ConnectionGuards:
                 log.info("connection guards installed into uvicorn (head, body and idle deadlines, the connection "
                          "cap, the unread-response timer)")
             elif self.state != "present":
-                log.warning("connection guards are OFF: %s. Nothing bounds slow clients here; start with `anydoor serve` or `uvicorn service.app:create_app "
+                log.warning("connection guards are OFF: %s. Slow clients are bounded only by the minimum body rate "
+                            "(ANYDOOR_MIN_BODY_RATE); start with `anydoor serve` or `uvicorn service.app:create_app "
                             "--factory` for the head, body and idle deadlines, the connection cap and the "
                             "unread-response timer", self.state)
         await self.app(scope, receive, send)

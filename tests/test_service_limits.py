@@ -7,8 +7,10 @@ in-process inside another ASGI app.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -195,10 +197,11 @@ def test_429_comes_before_the_upload_and_retry_after_is_measured(server: ServerP
 
 @pytest.mark.slow
 def test_concurrent_uploads_are_bounded() -> None:
-    """max_uploads=2: two bodies arriving slowly hold both upload slots; a third request's body waits unread
-    (not refused: a burst within the queue is served) and goes on as soon as a slot frees."""
+    """max_uploads=2: two bodies that sent their first 64 KiB at once and then go on slowly (above the minimum
+    rate) hold both upload slots; a third request's body waits unread past its first 64 KiB (not refused: a burst
+    within the queue is served) and goes on as soon as a slot frees."""
     env = {**tiny_model_env(), "ANYDOOR_MAX_UPLOADS": "2", "ANYDOOR_MAX_QUEUE": "8", "ANYDOOR_WARMUP_STEPS": "1",
-           "ANYDOOR_API_KEY": KEY}
+           "ANYDOOR_API_KEY": KEY, "ANYDOOR_MIN_BODY_RATE": "1"}
     with ServerProcess(env) as server:
         server.start()
         _uploads_wait_for_a_slot(server)
@@ -206,23 +209,36 @@ def test_concurrent_uploads_are_bounded() -> None:
 
 def _uploads_wait_for_a_slot(server: ServerProcess) -> None:
     head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
-            + b"\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n")
+            + b"\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000000\r\n\r\n--b\r\n"
+            + b'Content-Disposition: form-data; name="reference"; filename="r.png"\r\n\r\n' + b"\0" * 70_000)
     slow = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+    stop = threading.Event()
+
+    def go_on_slowly() -> None:
+        while not stop.wait(0.2):  # 10 bytes a second: above the 1 byte a second asked for
+            for sock in slow:
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"\0\0")
+
+    sender = threading.Thread(target=go_on_slowly, daemon=True)
     try:
         for sock in slow:
             sock.sendall(head)
+        sender.start()
         time.sleep(0.5)
         third = raw_predict(server.url, case_a_files(mask=False), {"steps": "1", "guidance_scale": "1",
                                                                    "box": "10,10,64,64"}, AUTH)
-        third.settimeout(1.5)
+        third.settimeout(2.5)
         with pytest.raises(TimeoutError):
-            third.recv(1)  # held: its body is not read while both slots are taken
+            third.recv(1)  # held: its body is not read past 64 KiB while both slots are taken
+        stop.set()
         for sock in slow:
             sock.close()
         status, _, _ = read_response(third, timeout=60)
         assert status == 200
         third.close()
     finally:
+        stop.set()
         for sock in slow:
             sock.close()
 
@@ -256,3 +272,27 @@ def test_the_app_mounted_in_another_app_keeps_its_gate() -> None:
                 }
 
     assert asyncio.run(scenario()) == {"no key": 401, "key": 200, "schema": 401, "live": 200}
+
+
+@pytest.mark.slow
+def test_tricklers_cannot_starve_admission() -> None:
+    """Trickling uploads (a head and a part header, then a byte now and then, reopened when closed) hold neither
+    upload slots nor queue places: with 4 of them a normal request answers within 2 s of its idle-server time,
+    with 16 (as many as ANYDOOR_MAX_QUEUE) normal requests are still admitted and /health-check stays READY; each
+    trickler gets 408 at the end of its rate window. The windows are short here; benchmarks/tricklers.py measures
+    the same at the defaults."""
+    from benchmarks.tricklers import measure
+
+    env = {**tiny_model_env(), "ANYDOOR_WARMUP_STEPS": "1", "ANYDOOR_MIN_BODY_RATE": "64",
+           "ANYDOOR_BODY_RATE_WINDOW_S": "1"}
+    with ServerProcess(env) as server:
+        server.start()
+        report = measure(server.url, [4, 16], gap_s=0.5, settle_s=2.5, requests=2)
+    print(report)
+    assert set(report["idle"]["statuses"]) == {200}
+    four, sixteen = report["phases"]
+    assert set(four["statuses"]) == {200} and four["over_idle_s"] < 2.0, four
+    assert set(sixteen["statuses"]) == {200}, sixteen
+    for phase in (four, sixteen):
+        assert phase["health"] == "READY", phase
+        assert phase["closed_408"] >= phase["tricklers"], phase  # each dropped by the rate rule, with a 408
