@@ -40,6 +40,7 @@ from service.errors import ServiceError, error_response
 from service.inference import InferenceService
 from service.metrics import Metrics
 from service.middleware import PREDICT, AdmissionGate, RequestContextMiddleware, request_id_of, route_path
+from service.security import page_headers, page_policy
 from service.settings import Settings
 from service.worker import Pipeline
 
@@ -93,21 +94,23 @@ def create_app(settings: Settings | None = None, *, load: Callable[[], Pipeline]
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui(request: Request) -> HTMLResponse:
         base = docs_base(request)
-        return get_swagger_ui_html(
+        page = get_swagger_ui_html(
             openapi_url=f"{base}{app.openapi_url}", title=f"{app.title} - Swagger UI",
             swagger_js_url=f"{base}{DOCS_ASSETS_URL}/swagger-ui/swagger-ui-bundle.js",
             swagger_css_url=f"{base}{DOCS_ASSETS_URL}/swagger-ui/swagger-ui.css",
             swagger_favicon_url=f"{base}{DOCS_ASSETS_URL}/swagger-ui/favicon-32x32.png",
             # No badge from validator.swagger.io: it would send the schema's URL to a third party, and fail offline.
             swagger_ui_parameters={"validatorUrl": None})
+        return _with_policy(page)
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc(request: Request) -> HTMLResponse:
         base = docs_base(request)
-        return get_redoc_html(
+        page = get_redoc_html(
             openapi_url=f"{base}{app.openapi_url}", title=f"{app.title} - ReDoc",
             redoc_js_url=f"{base}{DOCS_ASSETS_URL}/redoc/redoc.standalone.js",
             redoc_favicon_url=f"{base}{DOCS_ASSETS_URL}/swagger-ui/favicon-32x32.png", with_google_fonts=False)
+        return _with_policy(page, inline_styles=True, blob_workers=True)
 
     app.add_middleware(HeadAsGet)  # added first: innermost, so the outer middleware sees and counts HEAD as HEAD
     app.add_middleware(AdmissionGate, service=service)
@@ -143,6 +146,12 @@ def create_app(settings: Settings | None = None, *, load: Callable[[], Pipeline]
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected_error)
     return app
+
+
+def _with_policy(page: HTMLResponse, **options: bool) -> HTMLResponse:
+    html = bytes(page.body).decode("utf-8")
+    page.headers.update(page_headers(page_policy(html, **options)))
+    return page
 
 
 def _from_validation_error(exc: RequestValidationError) -> ServiceError:

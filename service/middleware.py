@@ -24,6 +24,7 @@ from model.errors import ErrorCode
 from service.errors import ServiceError, error_response, payload_too_large, too_many_parts
 from service.inference import InferenceService, Slot
 from service.metrics import Metrics
+from service.security import DEFAULT_CSP
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # A client's id is echoed only if it is short and plain: it ends up in headers and logs.
@@ -85,7 +86,13 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+                headers = MutableHeaders(scope=message)
+                headers[REQUEST_ID_HEADER] = request_id
+                headers.setdefault("X-Content-Type-Options", "nosniff")
+                if headers.get("content-type", "").startswith("text/html"):
+                    # A page without its own policy (an error page, FastAPI's) gets the strictest one.
+                    headers.setdefault("Content-Security-Policy", DEFAULT_CSP)
+                    headers.setdefault("X-Frame-Options", "DENY")
             await send(message)
 
         try:

@@ -1,4 +1,4 @@
-"""Upload admission (service/uploads.py), part counting, long part headers and Retry-After,
+"""Upload admission (service/uploads.py), part counting, long part headers, security headers and Retry-After,
 in-process with the fake pipeline of test_service_app (short windows, so each runs in about a second)."""
 
 from __future__ import annotations
@@ -133,6 +133,27 @@ def test_unknown_field_suggestions_are_case_and_token_aware() -> None:
             response = await client.post("/predict", files=FILES, data={**DATA, name: "1"})
             assert response.json()["error"] == "unknown_field"
             assert f"did you mean {expected!r}" in response.json()["message"], (name, response.json())
+
+    run(scenario)
+
+
+def test_pages_get_a_content_security_policy_and_every_answer_nosniff() -> None:
+    async def scenario(client: httpx.AsyncClient, app: Any) -> None:
+        for path in ("/", "/studio", "/docs", "/redoc"):
+            response = await client.get(path)
+            assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+            policy = response.headers["content-security-policy"]
+            assert "frame-ancestors 'none'" in policy and "default-src 'self'" in policy, path
+            assert "http" not in policy  # nothing from another host
+            assert response.headers["x-frame-options"] == "DENY"
+            assert response.headers["x-content-type-options"] == "nosniff"
+        docs = await client.get("/docs")
+        assert "'sha256-" in docs.headers["content-security-policy"]  # Swagger UI's inline start script
+        assert "'unsafe-inline'" not in docs.headers["content-security-policy"].split("script-src")[1].split(";")[0]
+        for path in ("/health/live", "/metrics", "/openapi.json", "/static/studio/studio.js", "/nowhere"):
+            assert (await client.get(path)).headers["x-content-type-options"] == "nosniff", path
+        predict = await client.post("/predict", files=FILES, data=DATA)
+        assert predict.headers["x-content-type-options"] == "nosniff"
 
     run(scenario)
 

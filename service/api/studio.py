@@ -14,6 +14,8 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
+from service.security import page_headers, page_policy
+
 STUDIO_ASSETS = Path(__file__).resolve().parents[1] / "static" / "studio"
 STUDIO_ASSETS_URL = "/static/studio"
 # index.html resolves its scripts, styles and API calls against this <base>; behind a proxy prefix
@@ -30,7 +32,7 @@ async def studio(request: Request) -> HTMLResponse:
     root = str(request.scope.get("root_path", "")).rstrip("/")
     if root:
         html = html.replace(_BASE, f'<base href="{_escape(root)}/">', 1)
-    return HTMLResponse(html, headers={"Cache-Control": "no-cache"})
+    return HTMLResponse(html, headers={"Cache-Control": "no-cache", **page_headers(page_policy(html))})
 
 
 def _escape(text: str) -> str:
