@@ -296,3 +296,39 @@ def test_tricklers_cannot_starve_admission() -> None:
     for phase in (four, sixteen):
         assert phase["health"] == "READY", phase
         assert phase["closed_408"] >= phase["tricklers"], phase  # each dropped by the rate rule, with a 408
+
+
+def _peak_rss_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.slow
+def test_mismatched_references_are_refused_before_they_are_decoded() -> None:
+    """4 concurrent requests with 8 references of 4096x4096 (64 MiB each decoded) for 2 boxes: each is
+    reference_count_mismatch, and the server's peak RSS grows by under 100 MiB (decoding them would take GBs)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    buf = io.BytesIO()
+    Image.new("RGBA", (4096, 4096), (200, 100, 50, 255)).save(buf, "PNG")
+    big = buf.getvalue()
+    files = [("reference", (f"r{i}.png", big, "image/png")) for i in range(8)]
+    files.append(("background", ("b.png", case_a_files()["background"][1], "image/png")))
+    with ServerProcess({**tiny_model_env(), "ANYDOOR_WARMUP_STEPS": "1"}) as server:
+        server.start()
+        assert server.process is not None
+        before = _peak_rss_mib(server.process.pid)
+
+        def one(_: int) -> httpx.Response:
+            return httpx.post(f"{server.url}/predict", files=files, data={"steps": "1", "box": ["1,1,64,64",
+                                                                                                "100,1,64,64"]},
+                              timeout=120)
+
+        with ThreadPoolExecutor(4) as pool:
+            responses = list(pool.map(one, range(4)))
+        growth = _peak_rss_mib(server.process.pid) - before
+    assert [r.json()["error"] for r in responses] == ["reference_count_mismatch"] * 4
+    print(f"peak RSS growth {growth:.1f} MiB")
+    assert growth < 100, growth

@@ -190,3 +190,41 @@ def test_retry_after_covers_a_long_job_in_front() -> None:
         assert max(hints) <= 4, hints  # the work ahead (about 1.5 s), rounded up: not minutes
 
     run(scenario, load=lambda: pipe, max_queue=1, max_batch=1)
+
+
+def flat_png(side: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGBA", (side, side), (200, 100, 50, 255)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_a_reference_count_mismatch_is_refused_before_any_upload_is_read(monkeypatch: Any) -> None:
+    """8 references of 4096x4096 for 2 boxes: reference_count_mismatch from the part counts alone; no upload is
+    read into memory and nothing is decoded (the RSS side of this is the slow test in test_service_limits)."""
+    import service.api.predict as predict_module
+
+    reads: list[str] = []
+    real_read = predict_module._read_upload
+
+    async def counting_read(name: str, upload: Any, limit: int) -> bytes:
+        reads.append(name)
+        return await real_read(name, upload, limit)
+
+    monkeypatch.setattr(predict_module, "_read_upload", counting_read)
+    pipe = FakePipeline()
+    prepared: list[int] = []
+    real_prepare = pipe.prepare
+    monkeypatch.setattr(pipe, "prepare", lambda *a, **k: prepared.append(1) or real_prepare(*a, **k))
+    big = flat_png(4096)
+
+    async def scenario(client: httpx.AsyncClient, app: Any) -> None:
+        prepared.clear()  # the warm-up's
+        files = [("reference", (f"r{i}.png", big, "image/png")) for i in range(8)]
+        files.append(("background", ("b.png", png(), "image/png")))
+        response = await client.post("/predict", files=files, data={"steps": "1", "box": ["1,1,20,20", "30,1,20,20"]})
+        assert response.status_code == 422 and response.json()["error"] == "reference_count_mismatch"
+        assert reads == [] and prepared == []
+        assert (await client.post("/predict", files=FILES, data=DATA)).status_code == 200
+        assert reads and prepared  # the check itself sees reads and decodes
+
+    run(scenario, load=lambda: pipe)
