@@ -78,6 +78,8 @@ class ErrorCode(str, enum.Enum):
     UNAUTHORIZED = "unauthorized", "An API key is set and the `Authorization: Bearer` key is missing or wrong."
     NOT_FOUND = "not_found", "No such route."
     METHOD_NOT_ALLOWED = "method_not_allowed", "The route does not take this HTTP method."
+    REQUEST_TIMEOUT = "request_timeout", ("The request head or body arrived too slowly: past a read deadline, an idle "
+                                          "gap, or below the minimum body rate; the connection is closed.")
     OVERLOADED = "overloaded", "The queue is full; `Retry-After` says when a slot is expected to free."
     CLIENT_CLOSED_REQUEST = "client_closed_request", "The client went away before its answer (only logged and counted)."
     QUEUE_TIMEOUT = "queue_timeout", "The request waited in the queue past the queue timeout without starting."

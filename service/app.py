@@ -1,5 +1,8 @@
 """The app factory: ``uvicorn service.app:create_app --factory`` or ``anydoor serve``.
 
+Both get the connection guards of :mod:`service.connections`: ``anydoor serve`` passes them to uvicorn, and under
+plain uvicorn the app installs them itself at the lifespan startup (:class:`service.connections.ConnectionGuards`).
+
 The lifespan starts the GPU worker, which loads the weights and runs a warm-up generation in the background
 (``/health/ready`` answers 503 meanwhile), and on shutdown drains it. Draining starts the moment SIGTERM or
 SIGINT arrives, before uvicorn's own shutdown: the lifespan chains a handler in front of uvicorn's that marks the
@@ -32,12 +35,14 @@ from model.errors import ErrorCode
 from service.api import router
 from service.api.health import HeadAsGet
 from service.api.studio import STUDIO_ASSETS, STUDIO_ASSETS_URL, StudioFiles
+from service.connections import ConnectionGuards
 from service.errors import ServiceError, error_response
 from service.inference import InferenceService
 from service.metrics import Metrics
 from service.middleware import PREDICT, AdmissionGate, RequestContextMiddleware, request_id_of, route_path
 from service.predictions.routes import router as predictions_router
 from service.predictions.service import PredictionService
+from service.security import page_headers, page_policy
 from service.settings import Settings
 from service.worker import Pipeline
 
@@ -98,25 +103,28 @@ def create_app(settings: Settings | None = None, *, load: Callable[[], Pipeline]
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui(request: Request) -> HTMLResponse:
         base = docs_base(request)
-        return get_swagger_ui_html(
+        page = get_swagger_ui_html(
             openapi_url=f"{base}{app.openapi_url}", title=f"{app.title} - Swagger UI",
             swagger_js_url=f"{base}{DOCS_ASSETS_URL}/swagger-ui/swagger-ui-bundle.js",
             swagger_css_url=f"{base}{DOCS_ASSETS_URL}/swagger-ui/swagger-ui.css",
             swagger_favicon_url=f"{base}{DOCS_ASSETS_URL}/swagger-ui/favicon-32x32.png",
             # No badge from validator.swagger.io: it would send the schema's URL to a third party, and fail offline.
             swagger_ui_parameters={"validatorUrl": None})
+        return _with_policy(page)
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc(request: Request) -> HTMLResponse:
         base = docs_base(request)
-        return get_redoc_html(
+        page = get_redoc_html(
             openapi_url=f"{base}{app.openapi_url}", title=f"{app.title} - ReDoc",
             redoc_js_url=f"{base}{DOCS_ASSETS_URL}/redoc/redoc.standalone.js",
             redoc_favicon_url=f"{base}{DOCS_ASSETS_URL}/swagger-ui/favicon-32x32.png", with_google_fonts=False)
+        return _with_policy(page, inline_styles=True, blob_workers=True)
 
     app.add_middleware(HeadAsGet)  # added first: innermost, so the outer middleware sees and counts HEAD as HEAD
     app.add_middleware(AdmissionGate, service=service)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)  # added last: outermost
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    app.add_middleware(ConnectionGuards, settings=settings)  # on the lifespan: the protocol guards under uvicorn
 
     def count(request: Request) -> Metrics | None:
         """Failures are counted for /predict only."""
@@ -147,6 +155,12 @@ def create_app(settings: Settings | None = None, *, load: Callable[[], Pipeline]
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected_error)
     return app
+
+
+def _with_policy(page: HTMLResponse, **options: bool) -> HTMLResponse:
+    html = bytes(page.body).decode("utf-8")
+    page.headers.update(page_headers(page_policy(html, **options)))
+    return page
 
 
 def _from_validation_error(exc: RequestValidationError) -> ServiceError:

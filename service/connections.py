@@ -1,4 +1,10 @@
-"""Connection guards for ``anydoor serve``: read deadlines, a connection cap, and quiet logs at the fd limit.
+"""Connection guards: read deadlines, a connection cap, and quiet logs at the fd limit, on every start-up path.
+
+``anydoor serve`` hands :func:`protocol_class` to uvicorn itself. Under ``uvicorn service.app:create_app
+--factory`` (or any other uvicorn start of the app), :class:`ConnectionGuards`, an ASGI middleware that
+:func:`service.app.create_app` installs, puts the same protocol into uvicorn's config during the lifespan startup,
+before uvicorn opens its listener (see :func:`install_under_uvicorn`); where it cannot (another server, a custom
+``--http`` class, ``--lifespan off``), it logs a warning that the guards are off.
 
 uvicorn bounds only the idle time of a kept-alive connection. A client that connects and sends nothing, sends its
 request head a byte at a time, or trickles its body, holds a socket (and, for ``/predict``, an upload slot) for as
@@ -35,10 +41,12 @@ at a time by itself; :func:`install_log_filters` turns its traceback per failed 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
 import resource
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -74,8 +82,11 @@ EVICT_AFTER_S = 0.25  # real clients send their request head within milliseconds
 # Routes a reserve connection may use: cheap, and what orchestrators and monitoring need while the server is full.
 RESERVE_PATHS = frozenset({"/health/live", "/health/ready", "/health-check", "/metrics"})
 _OUT_OF_FDS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-# No body: the client gets the status before the close; a partial request has nothing better to hear.
-_REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+# The service's JSON error body (code request_timeout), written straight to the socket before the close.
+_TIMEOUT_BODY = (b'{"error":"request_timeout","field":null,"message":"the request head or body did not arrive in time",'
+                 b'"request_id":null}')
+_REQUEST_TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: "
+                    + str(len(_TIMEOUT_BODY)).encode() + b"\r\nconnection: close\r\n\r\n" + _TIMEOUT_BODY)
 
 
 @dataclass(frozen=True)
@@ -447,3 +458,96 @@ def protocol_class(limits: ConnectionLimits) -> type[GuardedH11Protocol]:
     """The protocol class to give ``uvicorn.Config(http=...)``: uvicorn makes one per connection."""
     namespace = {"limits": limits, "waiting_heads": {}}
     return cast(type[GuardedH11Protocol], type("GuardedH11Protocol", (GuardedH11Protocol,), namespace))
+
+
+# --- installed by the app itself (plain uvicorn) --------------------------------------------------------------
+
+
+def _uvicorn_config(receive: Receive) -> Any | None:
+    """uvicorn's ``Config`` behind a lifespan ``receive``, or None.
+
+    uvicorn's ``receive`` is a bound method of its ``LifespanOn``, which holds the config; frameworks may wrap it
+    (FastAPI does) in closures, which are looked through. Failing that, the coroutine frames that called the
+    lifespan are searched for the ``LifespanOn`` running it."""
+    try:
+        from uvicorn.config import Config
+    except ImportError:  # pragma: no cover - uvicorn is a dependency
+        return None
+
+    def through(obj: Any, depth: int) -> Any | None:
+        config = getattr(getattr(obj, "__self__", None), "config", None)
+        if isinstance(config, Config):
+            return config
+        if depth > 0:
+            for cell in getattr(obj, "__closure__", None) or ():
+                with contextlib.suppress(ValueError):  # an empty cell
+                    found = through(cell.cell_contents, depth - 1)
+                    if found is not None:
+                        return found
+        return None
+
+    found = through(receive, 4)
+    if found is not None:
+        return found
+    frame = sys._getframe(1)
+    while frame is not None:
+        config = getattr(frame.f_locals.get("self"), "config", None)
+        if isinstance(config, Config):
+            return config
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
+def install_under_uvicorn(receive: Receive, settings: Settings) -> str:
+    """Put the guarded protocol into the uvicorn server whose lifespan ``receive`` is, before it listens.
+
+    uvicorn runs the lifespan startup first and then creates its listener, whose protocol factory reads
+    ``config.http_protocol_class`` (and the listen backlog) then, so replacing them here guards every connection.
+    Returns what was done: ``"installed"``, ``"present"`` (``anydoor serve`` already did it) or why it could not.
+    """
+    config = _uvicorn_config(receive)
+    if config is None:
+        return "not running under uvicorn"
+    current = getattr(config, "http_protocol_class", None)
+    if isinstance(current, type) and issubclass(current, GuardedH11Protocol):
+        return "present"
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    stock = {H11Protocol, AutoHTTPProtocol}
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        stock.add(HttpToolsProtocol)
+    except ImportError:
+        pass
+    if current not in stock or getattr(config, "http2", False) or getattr(config, "is_ssl", False):
+        return f"uvicorn runs the HTTP protocol {getattr(current, '__name__', current)!r}, not one of its own"
+    limits = connection_limits(settings)
+    config.http_protocol_class = protocol_class(limits)
+    config.ws_protocol_class = None  # no WebSocket routes, so no upgrades (as anydoor serve)
+    config.backlog = min(config.backlog, limits.backlog)
+    config.timeout_keep_alive = settings.keep_alive_s
+    install_log_filters()
+    return "installed"
+
+
+class ConnectionGuards:
+    """ASGI middleware: on the lifespan startup, :func:`install_under_uvicorn`; a warning where it cannot."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.state: str | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan" and self.state is None:
+            self.state = install_under_uvicorn(receive, self.settings)
+            if self.state == "installed":
+                log.info("connection guards installed into uvicorn (head, body and idle deadlines, the connection "
+                         "cap, the unread-response timer)")
+            elif self.state != "present":
+                log.warning("connection guards are OFF: %s. Slow clients are bounded only by the minimum body rate "
+                            "(ANYDOOR_MIN_BODY_RATE); start with `anydoor serve` or `uvicorn service.app:create_app "
+                            "--factory` for the head, body and idle deadlines, the connection cap and the "
+                            "unread-response timer", self.state)
+        await self.app(scope, receive, send)

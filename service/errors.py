@@ -55,6 +55,7 @@ HTTP_STATUS: dict[ErrorCode, tuple[int, str]] = {
     C.UNAUTHORIZED: (401, "unauthorized"),
     C.NOT_FOUND: (404, "validation"),
     C.METHOD_NOT_ALLOWED: (405, "validation"),
+    C.REQUEST_TIMEOUT: (408, "timeout"),
     C.OVERLOADED: (429, "overloaded"),
     C.CLIENT_CLOSED_REQUEST: (499, "cancelled"),
     C.QUEUE_TIMEOUT: (504, "timeout"),
@@ -142,9 +143,15 @@ def payload_too_large(field: str, size: int | None, limit: int) -> ServiceError:
     return ServiceError(C.PAYLOAD_TOO_LARGE, f"{what} is {got}; at most {limit} bytes are accepted", field=field)
 
 
-def overloaded(retry_after_s: int) -> ServiceError:
-    return ServiceError(C.OVERLOADED, "the request queue is full; retry later",
-                        headers={"Retry-After": str(retry_after_s)})
+def overloaded(retry_after_s: int, *, close: bool = False) -> ServiceError:
+    """429 with ``Retry-After``; ``close`` when part of the body was read (the rest is not worth reading)."""
+    headers = {"Retry-After": str(retry_after_s)} | ({"Connection": "close"} if close else {})
+    return ServiceError(C.OVERLOADED, "the request queue is full; retry later", headers=headers)
+
+
+def too_many_parts(limit: int) -> ServiceError:
+    return ServiceError(C.TOO_MANY_FIELDS, f"the multipart body has more than {limit} parts (fields and files "
+                        "together)", field="body")
 
 
 def queue_timeout(waited_s: float) -> ServiceError:

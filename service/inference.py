@@ -29,6 +29,7 @@ from model.spec.params import OUTPUT_FORMATS
 from service.errors import ServiceError, client_gone, overloaded, queue_timeout
 from service.metrics import Metrics
 from service.settings import Settings
+from service.uploads import BodyReader, UploadSlots
 from service.worker import GpuWorker, Outcome, Pipeline, QueuedJob, WorkerState
 
 log = logging.getLogger("anydoor.service")
@@ -123,26 +124,6 @@ class Slot:
                 self._owner.value -= 1
 
 
-class UploadSlot:
-    """One request's hold on the upload semaphore: :meth:`acquire` once, :meth:`release` idempotently."""
-
-    def __init__(self, semaphore: asyncio.Semaphore) -> None:
-        self._semaphore = semaphore
-        self._held = False
-        self._done = False
-
-    async def acquire(self) -> None:
-        if not self._held and not self._done:
-            await self._semaphore.acquire()
-            self._held = True
-
-    def release(self) -> None:
-        self._done = True  # a body that is complete (or abandoned) never takes a slot again
-        if self._held:
-            self._held = False
-            self._semaphore.release()
-
-
 class BoundedCount:
     """A count with a limit, shared by the event loop and the worker thread."""
 
@@ -176,7 +157,7 @@ class InferenceService:
         # Requests admitted and not yet started on the GPU: uploading, preprocessing or queued. Counting them from
         # the moment their headers arrive is what lets 429 come before an upload is read.
         self.pending = BoundedCount(settings.max_queue)
-        self._uploads: asyncio.Semaphore | None = None  # request bodies read at once (made on the event loop)
+        self.uploads = UploadSlots(settings.max_uploads)  # request bodies read at once past their first 64 KiB
         self._limiter: anyio.CapacityLimiter | None = None
         metrics.queue_depth.set_function(lambda: self.worker.queue_depth)
         metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
@@ -245,21 +226,20 @@ class InferenceService:
             return ServiceError(ErrorCode.SETUP_FAILED, f"the model failed to load: {self.worker.setup_error}")
         return None
 
-    def overloaded(self) -> ServiceError:
-        return overloaded(self.worker.retry_after_s(self.pending.value))
+    def overloaded(self, *, close: bool = False) -> ServiceError:
+        return overloaded(self.worker.retry_after_s(self.pending.value), close=close)
 
     def admit(self) -> Slot | None:
         """A place among the admitted requests (None when there is none); released when the job starts running
         on the GPU or the request ends, whichever comes first."""
         return self.pending.take()
 
-    def upload_slot(self) -> UploadSlot:
-        """A place among the request bodies being read, taken on the first read and released when the body is
-        complete: beyond ``max_uploads`` a body waits unread (TCP backpressure keeps it in the client's socket),
-        so concurrent uploads hold bounded memory and disk while a burst within the queue is not refused."""
-        if self._uploads is None:
-            self._uploads = asyncio.Semaphore(self.settings.max_uploads)
-        return UploadSlot(self._uploads)
+    def body_reader(self, receive: Receive, *, admit: Callable[[], None],
+                    on_evict: Callable[[], None]) -> BodyReader:
+        """The ``receive`` a /predict request's body is read through (:mod:`service.uploads`): its first 64 KiB
+        without a slot, then an upload slot, the minimum body rate throughout."""
+        return BodyReader(receive, self.uploads, admit=admit, on_evict=on_evict,
+                          min_rate=self.settings.min_body_rate, window_s=self.settings.body_rate_window_s)
 
     # --- one request ----------------------------------------------------------------------------------------
 

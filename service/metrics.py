@@ -11,7 +11,7 @@ FAILURE_REASONS = (
     "unauthorized",  # missing or wrong API key
     "unavailable",  # not ready yet, setup failed, or draining
     "overloaded",  # queue full: 429
-    "timeout",  # waited in the queue past ANYDOOR_QUEUE_TIMEOUT_S: 504
+    "timeout",  # waited in the queue past ANYDOOR_QUEUE_TIMEOUT_S (504), or a body below the minimum rate (408)
     "cancelled",  # the client went away, or shutdown cancelled the work
     "oom",  # GPU out of memory
     "internal",  # a bug: 500

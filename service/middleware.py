@@ -21,9 +21,10 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.errors import ErrorCode
-from service.errors import ServiceError, error_response, payload_too_large
-from service.inference import InferenceService
+from service.errors import ServiceError, error_response, payload_too_large, too_many_parts
+from service.inference import InferenceService, Slot
 from service.metrics import Metrics
+from service.security import DEFAULT_CSP
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # A client's id is echoed only if it is short and plain: it ends up in headers and logs.
@@ -85,7 +86,13 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+                headers = MutableHeaders(scope=message)
+                headers[REQUEST_ID_HEADER] = request_id
+                headers.setdefault("X-Content-Type-Options", "nosniff")
+                if headers.get("content-type", "").startswith("text/html"):
+                    # A page without its own policy (an error page, FastAPI's) gets the strictest one.
+                    headers.setdefault("Content-Security-Policy", DEFAULT_CSP)
+                    headers.setdefault("X-Frame-Options", "DENY")
             await send(message)
 
         try:
@@ -133,24 +140,35 @@ class AdmissionGate:
             await self.app(scope, receive, send)
             return
 
-        ticket = self.service.admit()
-        if ticket is None:  # the last slot went between the check and here
-            scope[ROUTE_KEY] = PREDICT
-            await error_response(self.service.overloaded(), request_id_of(scope), self.service.metrics)(
-                scope, receive, send)
-            return
-        scope[TICKET_KEY] = ticket
-        upload = self.service.upload_slot()  # taken when the body is first read: a bounded number read at once
-        limit = self.service.settings.max_body_bytes
-        closing = _closing_delimiter(headers.get("content-type", ""))
+        service = self.service
+        tickets: list[Slot] = []
+
+        def admit() -> None:
+            """The body has shown it flows (or is complete): now it takes a place among the admitted requests."""
+            ticket = service.admit()
+            if ticket is None:
+                raise service.overloaded(close=True)
+            tickets.append(ticket)
+            scope[TICKET_KEY] = ticket
+
+        def on_evict() -> None:
+            for ticket in tickets:
+                ticket.release()
+
+        reader = service.body_reader(receive, admit=admit, on_evict=on_evict)
+        limit = service.settings.max_body_bytes
+        max_parts = service.settings.max_form_fields
+        delimiter = _delimiter(headers.get("content-type", ""))
+        closing = delimiter + b"--" if delimiter else None
+        marker = b"\r\n" + delimiter if delimiter else None  # a delimiter line (the first one: see tail)
         received = 0
-        tail = b""
+        seen = 0  # delimiter lines so far: one per part, and the closing one
+        tail = b"\r\n"  # as if a line ended before the body, so that its first delimiter counts
         scope[BODY_END_KEY] = False
 
         async def counted_receive() -> Message:
-            nonlocal received, tail
-            await upload.acquire()  # no-op once held; waits (the client's bytes stay in its socket) when all are
-            message = await receive()
+            nonlocal received, seen, tail
+            message = await reader()
             if message["type"] == "http.request":
                 chunk = message.get("body", b"")
                 received += len(chunk)
@@ -158,22 +176,23 @@ class AdmissionGate:
                     # Raised inside the form parser; ServiceError is an HTTPException, so FastAPI passes it on to
                     # the app's handler, which answers 413. The spooled files are closed by the parser.
                     raise payload_too_large("body", None, limit)
-                if closing and not scope[BODY_END_KEY]:
-                    # The closing delimiter may straddle chunks: search the previous chunk's tail too.
+                if marker and closing and not scope[BODY_END_KEY]:
+                    # Delimiters may straddle chunks: search the previous chunk's tail too. Counting them counts
+                    # the parts, fields and files together, before the parser builds any of them.
                     window = tail + chunk
+                    seen += window.count(marker) - tail.count(marker)
                     scope[BODY_END_KEY] = closing in window
-                    tail = window[-len(closing):]
-                if not message.get("more_body", False):
-                    upload.release()
-            else:
-                upload.release()
+                    if seen - int(scope[BODY_END_KEY]) > max_parts:
+                        raise too_many_parts(max_parts)
+                    tail = window[-len(marker):]
             return message
 
         try:
             await self.app(scope, counted_receive, send)
         finally:
-            upload.release()
-            ticket.release()
+            reader.close()
+            for ticket in tickets:
+                ticket.release()
 
     def _predict_admission(self, headers: Headers) -> ServiceError | None:
         length = headers.get("content-length")
@@ -190,9 +209,9 @@ class AdmissionGate:
         return scheme.lower() == "bearer" and hmac.compare_digest(given, self._key_digest)
 
 
-def _closing_delimiter(content_type: str) -> bytes | None:
-    """``--boundary--`` of a multipart content type (RFC 2046 5.1.1), or None for anything else."""
+def _delimiter(content_type: str) -> bytes | None:
+    """``--boundary`` of a multipart content type (RFC 2046 5.1.1), or None for anything else."""
     match = re.search(r"boundary=(\"[^\"]+\"|[^;\s]+)", content_type, re.IGNORECASE)
     if not content_type.lower().startswith("multipart/") or match is None:
         return None
-    return b"--" + match.group(1).strip('"').encode("latin-1") + b"--"
+    return b"--" + match.group(1).strip('"').encode("latin-1")

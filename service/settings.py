@@ -141,9 +141,21 @@ class Settings:
         flag="--max-form-fields", metavar="N", limit=ErrorCode.TOO_MANY_FIELDS)
     max_field_chars: int = _limit_setting("max_field_chars", _int)
     max_uploads: int = _setting(
-        4, "ANYDOOR_MAX_UPLOADS", "Request bodies read at the same time; more wait unread (TCP backpressure keeps "
-        "their bytes in the clients' sockets), so concurrent uploads hold at most this many bodies in memory or on "
-        "disk while a burst within ANYDOOR_MAX_QUEUE is still served.", _int, flag="--max-uploads", metavar="N")
+        4, "ANYDOOR_MAX_UPLOADS", "Request bodies read at the same time past their first 64 KiB; more wait unread "
+        "(TCP backpressure keeps their bytes in the clients' sockets), so concurrent uploads hold at most this many "
+        "bodies in memory or on disk while a burst within ANYDOOR_MAX_QUEUE is still served. A body takes a slot "
+        "(and a place in ANYDOOR_MAX_QUEUE) only once its first 64 KiB have arrived, so slow uploads cannot hold "
+        "them.", _int, flag="--max-uploads", metavar="N")
+    min_body_rate: float = _setting(
+        1024.0, "ANYDOOR_MIN_BODY_RATE", "Slowest accepted request body, in bytes per second over each "
+        "ANYDOOR_BODY_RATE_WINDOW_S spent waiting for the client (as reverse proxies enforce it). A slower body gets "
+        "408 `request_timeout` and its upload slot and queue place are freed; time the server spends waiting for an "
+        "upload slot or parsing is not counted, and while another request waits for a slot, a holder below the rate "
+        "is dropped after 1 s. 0 turns the rule off.", _float, flag="--min-body-rate", metavar="BYTES_PER_S",
+        limit=ErrorCode.REQUEST_TIMEOUT)
+    body_rate_window_s: float = _setting(
+        5.0, "ANYDOOR_BODY_RATE_WINDOW_S", "The window over which ANYDOOR_MIN_BODY_RATE is judged.", _float,
+        flag="--body-rate-window-s", metavar="SECONDS")
     api_key: str | None = _setting(
         None, "ANYDOOR_API_KEY", "When set, every route but the health checks and /metrics requires "
         "`Authorization: Bearer <key>` (401 otherwise), under any path prefix. Environment only, so the key never "
@@ -299,6 +311,10 @@ class Settings:
         for name, top in (("header_timeout_s", 300), ("body_timeout_s", 3600), ("idle_timeout_s", 600)):
             if not 0 < getattr(self, name) <= top:
                 fail(name, f"expected more than 0 and at most {top}")
+        if self.min_body_rate < 0:
+            fail("min_body_rate", "expected 0 or more")
+        if not 0 < self.body_rate_window_s <= 600:
+            fail("body_rate_window_s", "expected more than 0 and at most 600")
         if self.idle_timeout_s > self.body_timeout_s:
             fail("idle_timeout_s", "expected at most ANYDOOR_BODY_TIMEOUT_S")
         if not 0 <= self.keep_alive_s <= 300:

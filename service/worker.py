@@ -55,6 +55,8 @@ from service.metrics import Metrics
 log = logging.getLogger("anydoor.service.worker")
 
 # torch >= 2.5 has the device-generic torch.OutOfMemoryError; torch.cuda.OutOfMemoryError is the same class there.
+EWMA_WEIGHT = 0.3  # the weight of the newest batch in the step and batch time means
+
 OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
     {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError}
 )
@@ -154,8 +156,17 @@ class GpuWorker:
         self._running: list[QueuedJob] = []
         self._drain_deadline: float | None = None
         self._stopping = False
-        self._batch_seconds = 1.0  # moving average of one batch's GPU time, for Retry-After
+        # For Retry-After: exponentially weighted means, per batch size (target regions), of one denoising step
+        # and of the rest of a batch (encode, decode); and where the running batch is.
+        self._step_s: dict[int, float] = {}
+        self._overhead_s: dict[int, float] = {}
         self._batch_started: float | None = None
+        self._batch_size = 0
+        self._batch_steps = 0  # the running batch's step count
+        self._steps_done = 0
+        self._last_step_at: float | None = None
+        self._step_times: list[float] = []  # the running batch's step intervals
+        self._first_step_s: float | None = None  # and its first (encode included)
         self.pipeline: Pipeline | None = None
         self.state = WorkerState.STARTING
         self.setup_error: str | None = None
@@ -228,19 +239,95 @@ class GpuWorker:
                     return index + 1
         return None
 
-    def retry_after_s(self, waiting: int | None = None) -> int:
-        """A ``Retry-After`` hint: when the worker should be able to take one more request.
+    def retry_after_s(self, waiting: int | None = None, places: int | None = None) -> int:
+        """A ``Retry-After`` hint: when a place among the admitted requests should free, from the real work ahead.
 
-        From the measured batch time: what is left of the running batch, plus one batch time per ``max_batch``
-        requests waiting ahead (``waiting``: admitted and not started; the queue if not given), minus the batch
-        that frees the slot. At least 1 s, at most 300 s."""
-        ahead = len(self._queue) if waiting is None else waiting
-        remaining = 0.0
+        ``waiting`` requests are admitted and not started (the queue if not given), ``places`` the most there may be
+        (the queue's size if not given). A place frees when one of them starts, so the hint is the time until the
+        ``waiting - places + 1``-th of them starts: what is left of the running batch (its remaining steps times the
+        measured step time, plus its decode), then the batches the queue forms ahead of it (each its steps times the
+        step time for its size, plus its encode and decode). Step and batch times are exponentially weighted means
+        per batch size. Rounded up; at least 1 s, at most 300 s."""
+        with self._cond:
+            queued = [(job.work.batch_key, job.size, job.work.params.steps) for job in self._queue]
+            running = self._remaining_s()
+        waiting = len(queued) if waiting is None else waiting
+        places = self.max_queue if places is None else places
+        needed = max(1, waiting - places + 1)  # starts before a place frees
+        # Admitted requests not queued yet (uploading, preprocessing) start after the queued ones; count each as a
+        # queued job on average.
+        if queued and needed > len(queued):
+            queued = queued + [queued[-1]] * (needed - len(queued))
+        total = running
+        for size, steps, jobs in self._batches(queued):
+            needed -= jobs
+            if needed <= 0:
+                break
+            total += steps * self._step_time(size) + self._overhead(size)
+        return max(1, min(300, math.ceil(total)))
+
+    def _batches(self, queued: list[tuple[Any, int, int]]) -> list[tuple[int, int, int]]:
+        """(regions, steps, jobs) of the batches the queue would form, in order (as :meth:`_take_jobs` takes them,
+        without the wait for more)."""
+        left = list(queued)
+        batches = []
+        while left:
+            key, size, steps = left.pop(0)
+            jobs = 1
+            for item in list(left):
+                if item[0] == key and size + item[1] <= self.max_batch:
+                    left.remove(item)
+                    size += item[1]
+                    jobs += 1
+            batches.append((size, steps, jobs))
+        return batches
+
+    def _remaining_s(self) -> float:
+        """What is left of the running batch (0 when none runs). Called with the lock held."""
         started = self._batch_started
-        if started is not None:
-            remaining = max(0.0, self._batch_seconds - (time.monotonic() - started))
-        batches_ahead = max(0, math.ceil(ahead / max(1, self.max_batch)) - 1)
-        return max(1, min(300, math.ceil(remaining + batches_ahead * self._batch_seconds)))
+        if started is None:
+            return 0.0
+        now = time.monotonic()
+        # Its own step intervals so far, once it has some: the best estimate of its next ones.
+        live = _median(self._step_times)
+        step = live if live is not None else self._step_time(self._batch_size)
+        since = now - (self._last_step_at if self._last_step_at is not None else started)
+        left = max(0.0, (self._batch_steps - self._steps_done) * step - since)
+        overhead = self._overhead(self._batch_size)
+        return left + (overhead / 2 if self._steps_done else overhead)  # its decode (and, before step 1, encode)
+
+    def _step_time(self, size: int) -> float:
+        """The mean step time for a batch of ``size`` regions; unmeasured sizes scale the nearest measured one."""
+        if size in self._step_s:
+            return self._step_s[size]
+        if not self._step_s:
+            return 1.0
+        nearest = min(self._step_s, key=lambda known: abs(known - size))
+        return self._step_s[nearest] * max(size, 1) / nearest
+
+    def _overhead(self, size: int) -> float:
+        if size in self._overhead_s:
+            return self._overhead_s[size]
+        if not self._overhead_s:
+            return 1.0
+        nearest = min(self._overhead_s, key=lambda known: abs(known - size))
+        return self._overhead_s[nearest]
+
+    def _measured(self, size: int, steps: int, seconds: float, step_s: float | None,
+                  first_s: float | None = None) -> None:
+        """Fold one finished batch into the means: its step time (the median of its step intervals after the
+        first, which holds the encode), and what the rest of it took. A batch of one step has only the first
+        interval: it stands in, an upper bound, until a longer batch of that size is measured."""
+        if step_s is None and size not in self._step_s and first_s is not None:
+            step_s = first_s
+        if step_s is None:
+            step_s = self._step_time(size) if self._step_s else seconds / max(steps + 1, 1)
+        else:
+            self._step_s[size] = step_s if size not in self._step_s else (
+                (1 - EWMA_WEIGHT) * self._step_s[size] + EWMA_WEIGHT * step_s)
+        overhead = max(0.0, seconds - steps * step_s)
+        self._overhead_s[size] = overhead if size not in self._overhead_s else (
+            (1 - EWMA_WEIGHT) * self._overhead_s[size] + EWMA_WEIGHT * overhead)
 
     # --- the worker thread ----------------------------------------------------------------------------------
 
@@ -276,11 +363,23 @@ class GpuWorker:
                                 dtype=dtype_name(pipe.dtype), demo=pipe.is_demo)
         t0 = time.perf_counter()
         inputs, params = warmup_request(self._warmup_steps)
-        result = pipe.run([pipe.prepare(inputs, params)])[0]
+        job = pipe.prepare(inputs, params)
+        step_times: list[float] = []
+        last = [time.perf_counter()]
+
+        first: list[float] = []
+
+        def timed(step: int, total: int, t: int) -> None:
+            now = time.perf_counter()
+            (step_times if step > 1 else first).append(now - last[0])  # the first interval holds the encode
+            last[0] = now
+
+        result = pipe.run([job], progress=timed)[0]
         background = inputs.background
         assert isinstance(background, np.ndarray) and result.image.size == background.shape[1::-1]
-        self._batch_seconds = time.perf_counter() - t0
-        log.info("warm-up generation (%d steps) passed in %.2f s", self._warmup_steps, self._batch_seconds)
+        seconds = time.perf_counter() - t0
+        self._measured(len(job.regions), params.steps, seconds, _median(step_times), first[0] if first else None)
+        log.info("warm-up generation (%d steps) passed in %.2f s", self._warmup_steps, seconds)
         self.pipeline = pipe
 
     def _take_jobs(self) -> list[QueuedJob]:
@@ -320,6 +419,12 @@ class GpuWorker:
                 self._cond.wait(remaining)
             now = time.monotonic()
             self._batch_started = now
+            self._batch_size = size
+            self._batch_steps = first.work.params.steps
+            self._steps_done = 0
+            self._last_step_at = None
+            self._step_times = []
+            self._first_step_s = None
             for job in taken:
                 job.started_at = now
                 if job.on_start is not None:
@@ -389,13 +494,16 @@ class GpuWorker:
             with self._cond:
                 self._running = []
                 self._batch_started = None
+                size, steps, step_times, first_s = (self._batch_size, self._batch_steps, self._step_times,
+                                                    self._first_step_s)
         if out_of_memory:
             # Outside the except block, so the traceback's frames (and the tensors they hold) are already gone.
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         if results is not None:
-            self._batch_seconds = 0.7 * self._batch_seconds + 0.3 * (time.perf_counter() - t0)
+            with self._cond:
+                self._measured(size, steps, time.perf_counter() - t0, _median(step_times), first_s)
             for job, result in zip(jobs, results, strict=True):
                 job.resolve(result)
         else:
@@ -405,6 +513,14 @@ class GpuWorker:
 
     def _on_step(self, step: int, total: int, t: int) -> None:
         self._metrics.steps.inc()
+        now = time.monotonic()
+        if step > 1 and self._last_step_at is not None:  # the first interval holds the encode
+            self._step_times.append(now - self._last_step_at)
+        elif step == 1 and self._batch_started is not None:
+            self._first_step_s = now - self._batch_started
+        self._last_step_at = now
+        self._steps_done = step
+        self._batch_steps = total
         running = self._running
         for job in running:
             if job.events is not None and job.started_at is not None:
@@ -418,6 +534,10 @@ class GpuWorker:
     def _drain_expired(self, now: float | None = None) -> bool:
         deadline = self._drain_deadline
         return deadline is not None and (time.monotonic() if now is None else now) >= deadline
+
+
+def _median(values: list[float]) -> float | None:
+    return float(np.median(values)) if values else None
 
 
 def _ids(jobs: Sequence[QueuedJob]) -> str:

@@ -7,8 +7,10 @@ in-process inside another ASGI app.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -163,8 +165,10 @@ def test_method_labels_are_bounded(client: httpx.Client) -> None:
 @pytest.mark.slow
 def test_429_comes_before_the_upload_and_retry_after_is_measured(server: ServerProcess,
                                                                    client: httpx.Client) -> None:
-    """max_queue=1: one request runs, one waits (admitted), the third is refused from its headers alone."""
-    running = raw_predict(server.url, case_a_files(mask=False), {"steps": "60", "box": "10,10,64,64"}, AUTH)
+    """max_queue=1: one request runs, one waits (admitted), the third is refused from its headers alone, with a
+    Retry-After that is the time until the waiting one starts (when a place frees), from the measured step time."""
+    running = raw_predict(server.url, case_a_files(mask=False), {"steps": "12", "guidance_scale": "1",
+                                                                 "box": "10,10,64,64"}, AUTH)
     try:
         wait_for(lambda: metric(client.get("/metrics").text, "anydoor_running_jobs") == 1)
         waiting = raw_predict(server.url, case_a_files(mask=False), {"steps": "1", "box": "10,10,64,64"}, AUTH)
@@ -177,8 +181,12 @@ def test_429_comes_before_the_upload_and_retry_after_is_measured(server: ServerP
                 status, headers, body = read_response(sock, timeout=10)  # no body byte was sent
                 assert time.monotonic() - started < 5
             assert status == 429 and b'"overloaded"' in body
-            # One 60-step batch on the tiny model takes a few seconds here: the hint is that, not minutes.
-            assert 1 <= int(headers["retry-after"]) <= 60
+            hint = int(headers["retry-after"])
+            wait_for(lambda: metric(client.get("/metrics").text, "anydoor_queue_depth") == 0, timeout=300)
+            actual = time.monotonic() - started  # until the waiting request started: a place was free
+            # The rest of the 12 steps at the measured step time, rounded up (a machine shared with other work
+            # makes steps vary): the hint is of that order, neither 1 s nor minutes more.
+            assert actual * 0.5 <= hint <= actual * 2 + 3, (hint, actual)
         finally:
             waiting.close()
     finally:
@@ -189,10 +197,11 @@ def test_429_comes_before_the_upload_and_retry_after_is_measured(server: ServerP
 
 @pytest.mark.slow
 def test_concurrent_uploads_are_bounded() -> None:
-    """max_uploads=2: two bodies arriving slowly hold both upload slots; a third request's body waits unread
-    (not refused: a burst within the queue is served) and goes on as soon as a slot frees."""
+    """max_uploads=2: two bodies that sent their first 64 KiB at once and then go on slowly (above the minimum
+    rate) hold both upload slots; a third request's body waits unread past its first 64 KiB (not refused: a burst
+    within the queue is served) and goes on as soon as a slot frees."""
     env = {**tiny_model_env(), "ANYDOOR_MAX_UPLOADS": "2", "ANYDOOR_MAX_QUEUE": "8", "ANYDOOR_WARMUP_STEPS": "1",
-           "ANYDOOR_API_KEY": KEY}
+           "ANYDOOR_API_KEY": KEY, "ANYDOOR_MIN_BODY_RATE": "1"}
     with ServerProcess(env) as server:
         server.start()
         _uploads_wait_for_a_slot(server)
@@ -200,23 +209,36 @@ def test_concurrent_uploads_are_bounded() -> None:
 
 def _uploads_wait_for_a_slot(server: ServerProcess) -> None:
     head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
-            + b"\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n")
+            + b"\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000000\r\n\r\n--b\r\n"
+            + b'Content-Disposition: form-data; name="reference"; filename="r.png"\r\n\r\n' + b"\0" * 70_000)
     slow = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+    stop = threading.Event()
+
+    def go_on_slowly() -> None:
+        while not stop.wait(0.2):  # 10 bytes a second: above the 1 byte a second asked for
+            for sock in slow:
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"\0\0")
+
+    sender = threading.Thread(target=go_on_slowly, daemon=True)
     try:
         for sock in slow:
             sock.sendall(head)
+        sender.start()
         time.sleep(0.5)
         third = raw_predict(server.url, case_a_files(mask=False), {"steps": "1", "guidance_scale": "1",
                                                                    "box": "10,10,64,64"}, AUTH)
-        third.settimeout(1.5)
+        third.settimeout(2.5)
         with pytest.raises(TimeoutError):
-            third.recv(1)  # held: its body is not read while both slots are taken
+            third.recv(1)  # held: its body is not read past 64 KiB while both slots are taken
+        stop.set()
         for sock in slow:
             sock.close()
         status, _, _ = read_response(third, timeout=60)
         assert status == 200
         third.close()
     finally:
+        stop.set()
         for sock in slow:
             sock.close()
 
@@ -250,3 +272,63 @@ def test_the_app_mounted_in_another_app_keeps_its_gate() -> None:
                 }
 
     assert asyncio.run(scenario()) == {"no key": 401, "key": 200, "schema": 401, "live": 200}
+
+
+@pytest.mark.slow
+def test_tricklers_cannot_starve_admission() -> None:
+    """Trickling uploads (a head and a part header, then a byte now and then, reopened when closed) hold neither
+    upload slots nor queue places: with 4 of them a normal request answers within 2 s of its idle-server time,
+    with 16 (as many as ANYDOOR_MAX_QUEUE) normal requests are still admitted and /health-check stays READY; each
+    trickler gets 408 at the end of its rate window. The windows are short here; benchmarks/tricklers.py measures
+    the same at the defaults."""
+    from benchmarks.tricklers import measure
+
+    env = {**tiny_model_env(), "ANYDOOR_WARMUP_STEPS": "1", "ANYDOOR_MIN_BODY_RATE": "64",
+           "ANYDOOR_BODY_RATE_WINDOW_S": "1"}
+    with ServerProcess(env) as server:
+        server.start()
+        report = measure(server.url, [4, 16], gap_s=0.5, settle_s=2.5, requests=2)
+    print(report)
+    assert set(report["idle"]["statuses"]) == {200}
+    four, sixteen = report["phases"]
+    assert set(four["statuses"]) == {200} and four["over_idle_s"] < 2.0, four
+    assert set(sixteen["statuses"]) == {200}, sixteen
+    for phase in (four, sixteen):
+        assert phase["health"] == "READY", phase
+        assert phase["closed_408"] >= phase["tricklers"], phase  # each dropped by the rate rule, with a 408
+
+
+def _peak_rss_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.slow
+def test_mismatched_references_are_refused_before_they_are_decoded() -> None:
+    """4 concurrent requests with 8 references of 4096x4096 (64 MiB each decoded) for 2 boxes: each is
+    reference_count_mismatch, and the server's peak RSS grows by under 100 MiB (decoding them would take GBs)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    buf = io.BytesIO()
+    Image.new("RGBA", (4096, 4096), (200, 100, 50, 255)).save(buf, "PNG")
+    big = buf.getvalue()
+    files = [("reference", (f"r{i}.png", big, "image/png")) for i in range(8)]
+    files.append(("background", ("b.png", case_a_files()["background"][1], "image/png")))
+    with ServerProcess({**tiny_model_env(), "ANYDOOR_WARMUP_STEPS": "1"}) as server:
+        server.start()
+        assert server.process is not None
+        before = _peak_rss_mib(server.process.pid)
+
+        def one(_: int) -> httpx.Response:
+            return httpx.post(f"{server.url}/predict", files=files, data={"steps": "1", "box": ["1,1,64,64",
+                                                                                                "100,1,64,64"]},
+                              timeout=120)
+
+        with ThreadPoolExecutor(4) as pool:
+            responses = list(pool.map(one, range(4)))
+        growth = _peak_rss_mib(server.process.pid) - before
+    assert [r.json()["error"] for r in responses] == ["reference_count_mismatch"] * 4
+    print(f"peak RSS growth {growth:.1f} MiB")
+    assert growth < 100, growth

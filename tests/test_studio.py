@@ -685,3 +685,29 @@ def test_an_error_event_after_the_stream_started_is_shown(browser: WebDriver) ->
         assert code == "queue_timeout" and message, (code, field, message)
         assert not by_id(browser, "error-field").is_displayed()  # this error names no field
         assert by_id(browser, "result").get_attribute("hidden")
+
+
+def _csp_violations(driver: WebDriver) -> list[str]:
+    """What the policy blocked of the service's own resources. (ReDoc's "powered by" logo comes from
+    cdn.redoc.ly: blocking it is the point, as the page loads nothing from another host.)"""
+    return [entry["message"] for entry in driver.get_log("browser")
+            if ("Content Security Policy" in entry["message"] or "Refused to" in entry["message"])
+            and "https://cdn.redoc.ly/" not in entry["message"]]
+
+
+def test_the_pages_work_under_their_content_security_policy(server: ServerProcess, browser: WebDriver) -> None:
+    """The studio, Swagger UI and ReDoc render with their Content-Security-Policy, and the browser reports no
+    violation of it (a blocked script, style or worker would show in its console)."""
+    browser.get_log("browser")  # drop what earlier tests left
+    open_studio(browser, server.url + "/")
+    assert _csp_violations(browser) == []
+    browser.get(server.url + "/docs")
+    wait(browser).until(lambda d: d.execute_script(
+        "return !!document.querySelector('.swagger-ui .info .title')"))
+    assert "AnyDoor Serve" in browser.find_element(By.CSS_SELECTOR, ".swagger-ui .info .title").text
+    assert _csp_violations(browser) == []
+    browser.get(server.url + "/redoc")
+    wait(browser).until(lambda d: d.execute_script(
+        "return !!document.querySelector('redoc h1') || !!document.querySelector('.api-info h1')"))
+    assert "AnyDoor Serve" in browser.execute_script("return document.body.innerText")
+    assert _csp_violations(browser) == []

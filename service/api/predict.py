@@ -39,7 +39,9 @@ log = logging.getLogger("anydoor.service")
 
 router = APIRouter()
 
-PLACEMENT_REF = "#/components/schemas/Placement"  # the component is model.spec.placement.placement_schema()
+PLACEMENT_REF = "#/components/schemas/Placement"
+# python-multipart's limit on one header line of a part (DEFAULT_MAX_HEADER_SIZE): a longer field name is refused.
+PART_HEADER_LIMIT = 4096 + 128  # the component is model.spec.placement.placement_schema()
 
 
 # --- the OpenAPI description, from the spec ----------------------------------------------------------------------
@@ -227,11 +229,14 @@ async def read_multipart(request: Request, *, max_fields: int, max_part_chars: i
             raise
         detail = str(exc.detail)
         if detail.startswith(("Too many fields", "Too many files")):
-            raise ServiceError(ErrorCode.TOO_MANY_FIELDS, f"{detail.rstrip('.')}; at most {max_fields} fields and "
-                               f"{max_files} files are accepted", field="body") from None
+            raise ServiceError(ErrorCode.TOO_MANY_FIELDS, f"{detail.rstrip('.')}; at most {max_fields} parts (fields "
+                               f"and files together), {max_files} of them files, are accepted", field="body") from None
         if detail.startswith("Part exceeded maximum size"):
             raise ServiceError(ErrorCode.FIELD_TOO_LONG, f"a text field is longer than {max_part_chars} "
                                "characters", field="body") from None
+        if _caused_by(exc, "Maximum header size exceeded"):
+            raise ServiceError(ErrorCode.FIELD_TOO_LONG, f"a part's header (its field name or file name) is longer "
+                               f"than {PART_HEADER_LIMIT} bytes", field="body") from None
         raise ServiceError(ErrorCode.BAD_REQUEST, f"the multipart body cannot be read: {detail}",
                            field="body") from None
     if not request.scope.get(BODY_END_KEY, True):
@@ -239,6 +244,19 @@ async def read_multipart(request: Request, *, max_fields: int, max_part_chars: i
         raise ServiceError(ErrorCode.BAD_REQUEST, "the multipart body ends before its closing boundary (a truncated "
                            "upload?)", field="body")
     return form
+
+
+def _caused_by(exc: BaseException, message: str) -> bool:
+    """Whether ``message`` is in an exception behind ``exc`` (the multipart parser's own error, which Starlette
+    wraps twice: in its ``MultiPartException``, then in a 400 ``HTTPException``)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if message in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 async def read_form(form: FormData, limits: Limits) -> tuple[GenerationInputs, GenerationParams]:

@@ -20,6 +20,8 @@ from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.types import Scope
 
+from service.security import page_headers, page_policy
+
 STUDIO_ASSETS = Path(__file__).resolve().parents[1] / "static" / "studio"
 STUDIO_ASSETS_URL = "/static/studio"
 # index.html resolves its scripts, styles and API calls against this <base>; behind a proxy prefix
@@ -53,7 +55,7 @@ async def studio(request: Request) -> HTMLResponse:
     root = str(request.scope.get("root_path", "")).rstrip("/")
     if root:
         html = html.replace(_BASE, f'<base href="{_escape(root)}/">', 1)
-    return HTMLResponse(html, headers={"Cache-Control": "no-cache"})
+    return HTMLResponse(html, headers={"Cache-Control": "no-cache", **page_headers(page_policy(html))})
 
 
 def _escape(text: str) -> str:

@@ -52,17 +52,24 @@ def tiny_model_env() -> dict[str, str]:
             "ANYDOOR_JOB_STORE": ":memory:"}
 
 
+# The README's other start command: uvicorn's factory, every setting from the environment.
+UVICORN_COMMAND = (sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory")
+
+
 class ServerProcess:
-    """``python -m service`` in a subprocess, listening on 127.0.0.1:``port``; a context manager."""
+    """``python -m service`` (or ``command``) in a subprocess, listening on 127.0.0.1:``port``; a context
+    manager."""
 
     def __init__(self, env: Mapping[str, str], *, args: tuple[str, ...] = (), port: int | None = None,
-                 preexec_fn: Callable[[], None] | None = None) -> None:
+                 preexec_fn: Callable[[], None] | None = None, command: tuple[str, ...] | None = None) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._env = {**os.environ, **env}
         self._env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         self._env.setdefault("ANYDOOR_LOG_LEVEL", "info")
         self._args = args
+        # The start command, without --host and --port (default: python -m service, i.e. anydoor serve).
+        self._command = command or (sys.executable, "-m", "service")
         self._preexec_fn = preexec_fn  # run in the child before exec: e.g. a lower resource limit
         self._log = tempfile.NamedTemporaryFile(prefix="anydoor-serve-", suffix=".log", delete=False)
         self.process: subprocess.Popen[bytes] | None = None
@@ -70,7 +77,7 @@ class ServerProcess:
         self.cog_statuses: list[str] = []  # /health-check statuses seen while starting, repeats collapsed
 
     def start(self, timeout: float = 120.0) -> ServerProcess:
-        cmd = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port), *self._args]
+        cmd = [*self._command, "--host", "127.0.0.1", "--port", str(self.port), *self._args]
         self.process = subprocess.Popen(cmd, env=self._env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
                                         preexec_fn=self._preexec_fn)
         self.wait_ready(timeout)
