@@ -185,8 +185,9 @@ def test_429_comes_before_the_upload_and_retry_after_is_measured(server: ServerP
             wait_for(lambda: metric(client.get("/metrics").text, "anydoor_queue_depth") == 0, timeout=300)
             actual = time.monotonic() - started  # until the waiting request started: a place was free
             # The rest of the 12 steps at the measured step time, rounded up (a machine shared with other work
-            # makes steps vary): the hint is of that order, neither 1 s nor minutes more.
-            assert actual * 0.5 <= hint <= actual * 2 + 3, (hint, actual)
+            # makes steps vary, so an estimate made at one load is checked at another): the hint is of that order,
+            # neither 1 s nor minutes more.
+            assert actual * 0.5 <= hint <= actual * 3 + 3, (hint, actual)
         finally:
             waiting.close()
     finally:
