@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from anydoor_batch.dataset import Finished, segmentations
+from anydoor_batch.dataset import Finished
 from anydoor_batch.manifest import Line, local_inputs
 from anydoor_batch.report import Report
 from model.errors import ErrorCode, InputError
@@ -33,18 +33,11 @@ def run_local(pipe: Any, lines: Sequence[Line], report: Report, *, batch: int, l
                                f"{type(exc).__name__}: {exc}", job.seed)
             return
         for (line, _), result in zip(group, results, strict=True):
-            try:
-                extra: dict[str, Any] = {}
-                if result.scores is not None:
-                    extra["scores"] = result.scores.to_dict()
-                seg = segmentations(line, result.boxes)
-                if seg is not None:
-                    extra["segmentation"] = seg
-                report.succeeded(line, Finished(result.to_png(), result.image.width, result.image.height,
-                                                result.seed, [tuple(b) for b in result.boxes], dict(result.timings),
-                                                extra))
-            except InputError as exc:
-                report.input_error(line, exc, result.seed)
+            extra: dict[str, Any] = {}
+            if result.scores is not None:
+                extra["scores"] = result.scores.to_dict()
+            report.generated(line, Finished(result.to_png(), result.image.width, result.image.height, result.seed,
+                                            [tuple(b) for b in result.boxes], dict(result.timings), extra))
 
     for line in lines:
         try:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from anydoor_batch.dataset import Finished, segmentations
+from anydoor_batch.dataset import Finished
 from anydoor_batch.manifest import Line, local_inputs
 from anydoor_batch.report import Report
 from model.errors import ErrorCode, InputError
@@ -201,15 +201,8 @@ def run_ray(lines: Sequence[Line], report: Report, spec: LoadSpec, options: RayO
                 continue
             meta = json.loads(bytes(row["meta"]))
             boxes = [(int(b[0]), int(b[1]), int(b[2]), int(b[3])) for b in meta["boxes"]]
-            result = Finished(bytes(row["png"]), meta["width"], meta["height"], meta["seed"], boxes, meta["timings"],
-                              {"scores": meta["scores"]} if meta.get("scores") else {})
-            try:
-                seg = segmentations(line, boxes)
-                if seg is not None:
-                    result.extra["segmentation"] = seg
-                report.succeeded(line, result)
-            except InputError as exc:
-                report.input_error(line, exc, result.seed)
+            report.generated(line, Finished(bytes(row["png"]), meta["width"], meta["height"], meta["seed"], boxes,
+                                            meta["timings"], {"scores": meta["scores"]} if meta.get("scores") else {}))
     finally:
         if started:
             ray.shutdown()

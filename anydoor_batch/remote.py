@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from anydoor_batch.dataset import Finished, segmentations
+from anydoor_batch.dataset import Finished
 from anydoor_batch.manifest import Line
 from anydoor_batch.report import Report
 from client import AnyDoorClient, AnyDoorError
@@ -96,13 +96,7 @@ def run_remote(lines: Sequence[Line], report: Report, options: RemoteOptions) ->
         for _ in range(len(lines)):
             line, result, error = done.get()
             if result is not None:
-                try:
-                    seg = segmentations(line, result.boxes)
-                    if seg is not None:
-                        result.extra["segmentation"] = seg
-                    report.succeeded(line, result)
-                except InputError as exc:
-                    report.input_error(line, exc, result.seed)
+                report.generated(line, result)
             else:
                 code, field_name, message = error
                 report.line_failed(line.number, line.id, code, field_name, message, line.params.seed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from anydoor_batch.dataset import Finished, Outputs
+from anydoor_batch.dataset import Finished, Outputs, segmentations
 from anydoor_batch.manifest import BadLine, Line
 from model.errors import InputError
 from model.progress import ProgressBar
@@ -29,6 +29,17 @@ class Report:
 
     def _done(self) -> None:
         self.bar.update(self.skipped + self.ok + self.failed)
+
+    def generated(self, line: Line, result: Finished) -> None:
+        """A line an engine generated: its shape annotations added (:func:`segmentations`), then recorded ok; a
+        mask that cannot be read for them fails the line alone. Every engine ends a generated line here."""
+        try:
+            seg = segmentations(line, result.boxes)
+            if seg is not None:
+                result.extra["segmentation"] = seg
+            self.succeeded(line, result)
+        except InputError as exc:
+            self.input_error(line, exc, result.seed)
 
     def succeeded(self, line: Line, result: Finished) -> None:
         self.outputs.ok(line, result)
