@@ -8,7 +8,7 @@ import base64
 import sqlite3
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,6 @@ import pytest
 import standardwebhooks
 
 from model.errors import ErrorCode, InputError
-from service.app import create_app
 from service.predictions.fetch import RemoteFiles, decode_data_uri
 from service.predictions.store import JobStore, PredictionRecord, StoreFull
 from service.predictions.urlguard import UrlGuard
@@ -25,7 +24,7 @@ from service.predictions.webhooks import WebhookSender, sign
 from service.settings import Settings, SettingsError
 from tests.support.server import metric
 from tests.support.webhooks import WebhookReceiver
-from tests.test_service_app import FakePipeline, png
+from tests.test_service_app import FakePipeline, png, run, wait_until
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 ASYNC = {"Prefer": "respond-async"}
@@ -38,31 +37,6 @@ def data_uri(data: bytes) -> str:
 INPUT = {"reference": data_uri(png(mode="RGBA")), "background": data_uri(png()), "box": "4,4,20,20", "steps": 2,
          "seed": 5}
 
-Scenario = Callable[[httpx.AsyncClient, Any], Awaitable[None]]
-
-
-def run(scenario: Scenario, *, pipe: FakePipeline | None = None, load: Callable[[], Any] | None = None,
-        wait_ready: bool = True, **settings: Any) -> None:
-    pipe = pipe or FakePipeline()
-    settings.setdefault("job_store", ":memory:")
-    app = create_app(Settings(demo=True, **settings), load=load or (lambda: pipe))
-
-    async def main() -> None:
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
-                if wait_ready:
-                    await until(lambda: app.state.service.ready)
-                await scenario(client, app)
-
-    asyncio.run(main())
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
 
 
 async def poll(client: httpx.AsyncClient, prediction_id: str, statuses: tuple[str, ...] = (
@@ -142,7 +116,7 @@ def test_cancel_of_a_queued_prediction_ends_it_and_it_never_runs() -> None:
         # The running one stops at its next step.
         running = await client.post("/predictions/busy/cancel")
         assert running.json()["status"] == "canceled"
-        await until(lambda: app.state.service.worker.queue_depth == 0 and not app.state.service.worker._running)
+        await wait_until(lambda: app.state.service.worker.queue_depth == 0 and not app.state.service.worker._running)
         assert (await client.get("/predictions/queued")).json()["started_at"] is None
         assert len(pipe.batches) == 2  # the warm-up and the busy one: "queued" never ran
         finished = await client.post("/predictions/busy/cancel")
@@ -273,7 +247,7 @@ def test_an_unacknowledged_completed_webhook_is_sent_again_after_a_restart(tmp_p
             body = {"id": "w1", "input": INPUT, "webhook": f"{receiver.url}/hook",
                     "webhook_events_filter": ["completed"]}
             assert (await client.post("/predictions", json=body)).json()["status"] == "succeeded"
-            await until(lambda: len(receiver.received) >= 1)  # answered 503: still owed
+            await wait_until(lambda: len(receiver.received) >= 1)  # answered 503: still owed
 
         run(first, job_store=path, webhook_allow_hosts=("127.0.0.1",), webhook_secret=SECRET)
         with sqlite3.connect(path) as db:
@@ -282,8 +256,8 @@ def test_an_unacknowledged_completed_webhook_is_sent_again_after_a_restart(tmp_p
         before = len(receiver.received)
 
         async def second(client: httpx.AsyncClient, app: Any) -> None:
-            await until(lambda: len(receiver.received) > before)
-            await until(lambda: app.state.predictions.store.undelivered() == [])
+            await wait_until(lambda: len(receiver.received) > before)
+            await wait_until(lambda: app.state.predictions.store.undelivered() == [])
 
         run(second, job_store=path, webhook_allow_hosts=("127.0.0.1",), webhook_secret=SECRET)
         resent = receiver.received[-1]
@@ -520,7 +494,7 @@ def test_a_synchronous_request_is_answered_503_when_its_prediction_cannot_run_he
 
     async def scenario(client: httpx.AsyncClient, app: Any) -> None:
         waiting = asyncio.ensure_future(client.post("/predictions", json={"id": "w", "input": INPUT}))
-        await until(lambda: app.state.predictions.store is not None and app.state.predictions.store.count() == 1)
+        await wait_until(lambda: app.state.predictions.store is not None and app.state.predictions.store.count() == 1)
         app.state.service.begin_drain()
         answer = await waiting
         assert answer.status_code == 503 and answer.json()["error"] == "draining"

@@ -74,10 +74,12 @@ DATA = {"steps": "2", "box": "4,4,20,20"}
 Scenario = Callable[[httpx.AsyncClient, Any], Awaitable[None]]
 
 
-def run(scenario: Scenario, *, load: Callable[[], Any] | None = None, wait_ready: bool = True,
-        **settings: Any) -> None:
-    """Run ``scenario(client, app)`` against the app, inside its lifespan (once the model is ready)."""
-    pipe = FakePipeline()
+def run(scenario: Scenario, *, pipe: FakePipeline | None = None, load: Callable[[], Any] | None = None,
+        wait_ready: bool = True, **settings: Any) -> None:
+    """Run ``scenario(client, app)`` against the app, inside its lifespan (once the model is ready); async
+    predictions keep their store in memory unless ``job_store`` says otherwise."""
+    pipe = pipe or FakePipeline()
+    settings.setdefault("job_store", ":memory:")
     app = create_app(Settings(demo=True, **settings), load=load or (lambda: pipe))
 
     async def main() -> None:
