@@ -8,10 +8,14 @@ A trickler sends a ``/predict`` request head and the header of a file part, then
 (10 by default), and opens a new connection as soon as the server closes its own. For each count of tricklers
 (and first with none: the idle server) the script waits ``--settle`` seconds, then sends ``--requests`` normal
 requests one after the other (the tiny case_a images, 1 step) and times each to its answer; it also reads
-``/health-check`` meanwhile. Prints one line per count::
+``/health-check`` meanwhile, and the server's count of 408 answers (``/metrics``) before and after. Prints one
+line per count::
 
     tricklers 16: normal 3/3 admitted (200), latency p50 2.31 s max 2.40 s (idle 2.28 s, +0.12 s), health READY,
-    tricklers closed 48 (408: 48)
+    trickler connections 64, closed 48 (408 read: 47, reset: 1), server 408s 48
+
+A close can reach a trickler as a reset before the 408 is read (the server closes with the trickler's next byte
+unread, and TCP then resets), so the server's count is the one that says each trickler was answered 408.
 
 :func:`measure` is the same for tests (which use shorter windows). Exit status 1 if a normal request was not
 answered 200 or took more than 2 s longer than on the idle server.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import statistics
 import sys
 import time
@@ -40,7 +45,8 @@ _HEAD = (b"POST /predict HTTP/1.1\r\nHost: anydoor\r\nContent-Type: multipart/fo
 class _Tally:
     opened: int = 0
     closed: int = 0
-    timeouts: int = 0  # closed with a 408 answer
+    timeouts: int = 0  # closed with a 408 answer (read before the close, even if a reset followed it)
+    resets: int = 0  # closed by a reset before any answer was read
 
 
 async def _trickler(host: str, port: int, gap_s: float, tally: _Tally, stop: asyncio.Event) -> None:
@@ -60,15 +66,24 @@ async def _trickler(host: str, port: int, gap_s: float, tally: _Tally, stop: asy
                 writer.write(b"\0")
                 await writer.drain()
 
+        answer = bytearray()
+
+        async def read(reader: asyncio.StreamReader = reader, answer: bytearray = answer) -> None:
+            # Chunk by chunk, so that an answer already received is kept when a reset follows it (the server
+            # closes with our next byte unread, or we write one after its close): read() to EOF would raise.
+            while chunk := await reader.read(65536):
+                answer += chunk
+
         sender = asyncio.create_task(send())
-        reading = asyncio.create_task(reader.read())
+        reading = asyncio.create_task(read())
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({sender, reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if reading.done() and not reading.cancelled() and reading.exception() is None:
+        if reading.done() or sender.done():
             tally.closed += 1
-            tally.timeouts += reading.result().startswith(b"HTTP/1.1 408")
-        elif sender.done():
-            tally.closed += 1
+            if answer.startswith(b"HTTP/1.1 408"):
+                tally.timeouts += 1
+            elif not answer:
+                tally.resets += 1
         for task in (sender, reading, stopping):
             task.cancel()
         await asyncio.gather(sender, reading, stopping, return_exceptions=True)
@@ -87,25 +102,40 @@ async def _normal(client: Any) -> tuple[int, float]:
     return response.status_code, time.monotonic() - started
 
 
+_TIMEOUTS = re.compile(rb'^anydoor_requests_failed_total\{reason="timeout"\} ([0-9.e+]+)$', re.MULTILINE)
+
+
+async def _server_timeouts(client: Any) -> int | None:
+    """The server's own count of requests dropped with 408 (``/metrics``), or None where it cannot be read."""
+    response = await client.get("/metrics")
+    found = _TIMEOUTS.search(response.content) if response.status_code == 200 else None
+    return int(float(found.group(1))) if found else None
+
+
 async def _phase(url: str, tricklers: int, gap_s: float, settle_s: float, requests: int) -> dict[str, Any]:
     import httpx
 
     host, _, port = url.removeprefix("http://").rstrip("/").partition(":")
     tally = _Tally()
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(_trickler(host, int(port or 80), gap_s, tally, stop)) for _ in range(tricklers)]
-    try:
-        await asyncio.sleep(settle_s)
-        async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        before = await _server_timeouts(client)
+        tasks = [asyncio.create_task(_trickler(host, int(port or 80), gap_s, tally, stop))
+                 for _ in range(tricklers)]
+        try:
+            await asyncio.sleep(settle_s)
             health = (await client.get("/health-check")).json()["status"]
             results = [await _normal(client) for _ in range(requests)]
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        after = await _server_timeouts(client)
     latencies = [s for _, s in results]
     return {"tricklers": tricklers, "statuses": [c for c, _ in results], "latency_s": latencies,
             "p50_s": statistics.median(latencies), "max_s": max(latencies), "health": health,
-            "trickler_connections": tally.opened, "closed": tally.closed, "closed_408": tally.timeouts}
+            "trickler_connections": tally.opened, "closed": tally.closed, "closed_408": tally.timeouts,
+            "closed_reset": tally.resets,
+            "server_408": after - before if before is not None and after is not None else None}
 
 
 async def _measure(url: str, counts: list[int], gap_s: float, settle_s: float, requests: int) -> dict[str, Any]:
@@ -130,7 +160,8 @@ def lines(report: dict[str, Any]) -> list[str]:
         out.append(f"tricklers {p['tricklers']}: normal {p['statuses'].count(200)}/{len(p['statuses'])} admitted "
                    f"(200), latency p50 {p['p50_s']:.2f} s max {p['max_s']:.2f} s (idle {idle['p50_s']:.2f} s, "
                    f"{p['over_idle_s']:+.2f} s), health {p['health']}, trickler connections {p['trickler_connections']}"
-                   f", closed {p['closed']} (408: {p['closed_408']})")
+                   f", closed {p['closed']} (408 read: {p['closed_408']}, reset: {p['closed_reset']}), server 408s "
+                   f"{p['server_408']}")
     return out
 
 
