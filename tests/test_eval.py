@@ -97,3 +97,60 @@ def test_ssim_is_one_for_equal_images_and_lower_for_noise() -> None:
     a, b, c1 = 100.0, 140.0, (0.01 * 255) ** 2
     flat = np.full((32, 32, 3), a, dtype=np.uint8), np.full((32, 32, 3), b, dtype=np.uint8)
     assert ssim(*flat) == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), abs=1e-9)
+
+
+def test_clip_weights_add_clip_i_equal_to_hugging_faces_and_resume_adds_it(dataset: Path, tmp_path: Path) -> None:
+    """--clip-weights FILE scores CLIP-I per region; its value is Hugging Face's CLIPVision cosine on the same
+    views (an independent forward); lines scored before without it are scored again, the others not."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from safetensors.torch import save_file
+
+    from model.imaging.decode import load_image, load_reference
+    from model.imaging.preprocess import reference_view
+    from model.nn.clip import CLIP_MEAN, CLIP_STD
+    from model.pipeline.scores import region_view
+
+    torch.manual_seed(0)
+    config = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=224, patch_size=32,
+                                           projection_dim=16, hidden_act="quick_gelu")
+    clip = transformers.CLIPVisionModelWithProjection(config).eval()
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, tmp_path / "clip.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+
+    out = dataset / "out"
+    target = tmp_path / "eval"
+    if (out / "eval").exists():  # scored before without CLIP (by the tests above)
+        shutil.copytree(out / "eval", target)
+    else:
+        assert main(["eval", str(out), "-o", str(target), "--demo", "--quiet", "--device", "cpu"]) == 0
+    assert "clip_identity" not in json.loads((target / "eval.json").read_text())["mean"]
+    args = ["eval", str(out), "-o", str(target), "--demo", "--quiet", "--device", "cpu"]
+    assert main([*args, "--clip-weights", str(tmp_path / "clip.safetensors")]) == 0
+    report = json.loads((target / "eval.json").read_text())
+    line = next(r for r in report["lines"] if r["id"] == "one")
+
+    rgb, alpha = load_reference(dataset / "reference.png", None, max_pixels=1 << 30)
+    views = [reference_view(rgb, alpha, 1.3), region_view(load_image(out / "images" / "one.png", field="r",
+                                                                     max_pixels=1 << 30), (40, 50, 160, 120), 224)]
+    pixels = torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2).float() / 255
+    pixels = (pixels - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        a, b = torch.nn.functional.normalize(clip(pixel_values=pixels).image_embeds, dim=-1)
+    assert line["clip_identity"] == pytest.approx(float(a @ b), abs=1e-4)
+    assert len(next(r for r in report["lines"] if r["id"] == "two")["region_clip_identity"]) == 2
+    clip_values = [r["clip_identity"] for r in report["lines"]]
+    assert report["mean"]["clip_identity"] == pytest.approx(sum(clip_values) / 3, abs=1e-5)
+    assert "CLIP-I" in (target / "eval.md").read_text()
+    before = (target / "eval.jsonl").read_text()
+    assert main([*args, "--clip-weights", str(tmp_path / "clip.safetensors")]) == 0
+    assert (target / "eval.jsonl").read_text() == before  # every line has it now: nothing scored again
+
+
+def test_unreadable_clip_weights_exit_2_naming_the_flag(dataset: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "not-clip.safetensors").write_bytes(b"not a safetensors file")
+    code = main(["eval", str(dataset / "out"), "-o", str(tmp_path / "e"), "--demo", "--quiet", "--device", "cpu",
+                 "--clip-weights", str(tmp_path / "not-clip.safetensors")])
+    assert code == 2 and "--clip-weights" in capsys.readouterr().err

@@ -14,7 +14,10 @@ relative to the file). For each line it measures (definitions in :mod:`model.pip
   on its benchmark, with DINOv2 features on the object crops; ours uses the pipeline's own DINOv2 encoder on the
   whole box, so compare runs of this command with each other, not with the paper's table;
 - ``background_psnr``: PSNR of the result against the background outside the target regions;
-- ``ssim``: SSIM inside the boxes against ``ground_truth``, where a line names one.
+- ``ssim``: SSIM inside the boxes against ``ground_truth``, where a line names one;
+- ``clip_identity`` (CLIP-I), with ``--clip-weights FILE`` only: as ``identity``, with the image embeddings of a
+  CLIP image tower (:mod:`model.nn.clip`; OpenAI, open_clip or Hugging Face checkpoints, read from the file given
+  and never downloaded).
 
 It writes ``eval.jsonl`` (one record per line, appended as it goes: a second run resumes), ``eval.json`` (all
 lines and the means), ``eval.md`` (a Markdown table) and ``contact_sheet.png`` (reference, background with the box
@@ -114,8 +117,9 @@ def lines_of_dataset(dataset: Path) -> list[EvalLine]:
     return lines
 
 
-def evaluate_line(line: EvalLine, embed: Any) -> dict[str, Any]:
-    """The scores of one line (``embed``: images (B, 3, 224, 224) in [0, 1] -> features)."""
+def evaluate_line(line: EvalLine, embed: Any, clip: Any = None) -> dict[str, Any]:
+    """The scores of one line (``embed`` and ``clip``: images (B, 3, 224, 224) in [0, 1] -> features; no CLIP-I
+    without ``clip``)."""
     from model.imaging.decode import load_image, load_mask, load_reference
     from model.imaging.preprocess import reference_view
     from model.pipeline.scores import background_psnr, identity_scores, region_view, ssim
@@ -146,6 +150,10 @@ def evaluate_line(line: EvalLine, embed: Any) -> dict[str, Any]:
         "region_identity": [round(v, 6) for v in identity],
         "background_psnr": _round(background_psnr(result, background, inside)), "ssim": None,
         "file": str(line.result)}
+    if clip is not None:
+        clip_identity = identity_scores(clip, refs, generated)
+        record["clip_identity"] = (round(sum(clip_identity) / len(clip_identity), 6) if clip_identity else None)
+        record["region_clip_identity"] = [round(v, 6) for v in clip_identity]
     if line.ground_truth is not None:
         truth = load_image(line.ground_truth, field="ground_truth", max_pixels=limit)
         values = [ssim(result[y:y + h, x:x + w], truth[y:y + h, x:x + w]) for x, y, w, h in line.boxes]
@@ -162,20 +170,26 @@ def summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         values = [r[key] for r in records if isinstance(r.get(key), int | float) and math.isfinite(r[key])]
         return round(sum(values) / len(values), 6) if values else None
 
-    return {"lines": len(records), "identity": mean("identity"), "background_psnr": mean("background_psnr"),
-            "ssim": mean("ssim")}
+    overall = {"lines": len(records), "identity": mean("identity"), "background_psnr": mean("background_psnr"),
+               "ssim": mean("ssim")}
+    if any("clip_identity" in r for r in records):
+        overall["clip_identity"] = mean("clip_identity")
+    return overall
 
 
 def markdown(records: Sequence[dict[str, Any]], overall: dict[str, Any], demo: bool) -> str:
     def cell(value: Any) -> str:
         return "" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
 
-    rows = ["| id | identity (DINO-I) | background PSNR (dB) | SSIM in box |", "| --- | ---: | ---: | ---: |"]
-    rows += [f"| {r['id']} | {cell(r['identity'])} | {cell(r['background_psnr'])} | {cell(r['ssim'])} |"
-             for r in records]
-    rows.append(f"| **mean** ({overall['lines']} lines) | {cell(overall['identity'])} | "
-                f"{cell(overall['background_psnr'])} | {cell(overall['ssim'])} |")
-    note = ("\nDEMO encoder (tiny random weights): the identity numbers are meaningless.\n" if demo else "")
+    clip = "clip_identity" in overall
+    rows = ["| id | identity (DINO-I) |" + (" CLIP-I |" if clip else "") + " background PSNR (dB) | SSIM in box |",
+            "| --- | ---: |" + (" ---: |" if clip else "") + " ---: | ---: |"]
+    rows += [f"| {r['id']} | {cell(r['identity'])} |" + (f" {cell(r.get('clip_identity'))} |" if clip else "")
+             + f" {cell(r['background_psnr'])} | {cell(r['ssim'])} |" for r in records]
+    rows.append(f"| **mean** ({overall['lines']} lines) | {cell(overall['identity'])} |"
+                + (f" {cell(overall['clip_identity'])} |" if clip else "")
+                + f" {cell(overall['background_psnr'])} | {cell(overall['ssim'])} |")
+    note = ("\nDEMO encoder (tiny random weights): the DINO-I numbers are meaningless.\n" if demo else "")
     return "# anydoor eval\n\n" + "\n".join(rows) + "\n" + note
 
 
@@ -202,7 +216,8 @@ def contact_sheet(lines: Sequence[EvalLine], records: dict[str, dict[str, Any]],
         record = records[line.id]
         text = [line.id, f"DINO-I {record['identity']:.3f}" if record["identity"] is not None else "DINO-I -",
                 f"PSNR {record['background_psnr']:.2f} dB" if record["background_psnr"] is not None else "PSNR inf",
-                f"SSIM {record['ssim']:.3f}" if record["ssim"] is not None else ""]
+                f"SSIM {record['ssim']:.3f}" if record["ssim"] is not None else "",
+                f"CLIP-I {record['clip_identity']:.3f}" if record.get("clip_identity") is not None else ""]
         draw.multiline_text((3 * THUMB + 8, y + 8), "\n".join(t for t in text if t), fill="black", spacing=6)
     tmp = path.with_name(f".{path.name}.tmp")
     sheet.save(tmp, format="PNG")
@@ -210,17 +225,43 @@ def contact_sheet(lines: Sequence[EvalLine], records: dict[str, dict[str, Any]],
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("eval", help="score a dataset: identity, background PSNR, SSIM",
+    p = sub.add_parser("eval", help="score a dataset: identity (DINO-I, CLIP-I), background PSNR, SSIM",
                        description="Score the insertions of DATASET (a directory written by anydoor batch, or a "
                        "JSON Lines file of finished insertions): per line and overall, the identity (DINO-I), the "
-                       "background PSNR and, against a ground truth, SSIM in the box. Writes eval.jsonl (resumable), "
-                       "eval.json, eval.md and contact_sheet.png into OUT.")
+                       "background PSNR, against a ground truth SSIM in the box, and with --clip-weights CLIP-I. "
+                       "Writes eval.jsonl (resumable), eval.json, eval.md and contact_sheet.png into OUT.")
     p.add_argument("dataset", type=Path, metavar="DATASET",
                    help="a directory written by anydoor batch, or a JSON Lines file of finished insertions")
     p.add_argument("-o", "--output", type=Path, help="where to write (default: DATASET/eval, or beside the file)")
     add_load_arguments(p)
+    clip = p.add_argument_group("CLIP-I (optional)")
+    clip.add_argument("--clip-weights", type=Path, metavar="FILE",
+                      help="a CLIP checkpoint with a ViT image tower (OpenAI .pt, open_clip or Hugging Face "
+                      ".safetensors/.bin): also score CLIP-I. Read from FILE, never downloaded")
+    clip.add_argument("--clip-heads", type=int, metavar="N",
+                      help="attention heads of its image tower (default: config.json beside FILE, else width/64 "
+                      "as in OpenAI's models)")
+    clip.add_argument("--clip-activation", choices=("quick_gelu", "gelu"),
+                      help="its MLP activation (default: config.json beside FILE, else quick_gelu as in OpenAI's "
+                      "models)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+
+
+def load_clip(args: argparse.Namespace) -> Any:
+    """The CLIP image tower of ``--clip-weights`` on the CPU, or None; ``ValueError`` naming the flag when it
+    cannot be read."""
+    if args.clip_weights is None:
+        return None
+    from model.nn.clip import load_clip_vision
+    from model.weights.checkpoint import CheckpointError
+
+    if args.clip_heads is not None and args.clip_heads < 1:
+        raise ValueError("--clip-heads must be at least 1")
+    try:
+        return load_clip_vision(args.clip_weights, heads=args.clip_heads, activation=args.clip_activation)
+    except (FileNotFoundError, CheckpointError) as exc:
+        raise ValueError(f"--clip-weights: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -242,10 +283,20 @@ def run(args: argparse.Namespace) -> int:
                 records[record["id"]] = record
             except (ValueError, KeyError, TypeError):
                 continue
-    todo = [line for line in lines if line.id not in records]
+    wants_clip = args.clip_weights is not None
+    # Resume: a line is scored again only if it lacks a score asked for now (CLIP-I added on a second run).
+    todo = [line for line in lines
+            if line.id not in records or (wants_clip and "clip_identity" not in records[line.id])]
     failed = 0
     if todo:
+        try:
+            clip = load_clip(args)  # before the pipeline: a bad file fails at once
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         pipe = load_pipeline(load_spec_of(args))
+        if clip is not None:
+            clip = clip.to(pipe.model.device)
         if args.demo:
             print("DEMO MODEL: tiny random weights; the identity scores are meaningless.", file=sys.stderr)
         bar = ProgressBar("eval", not args.quiet, unit="lines")
@@ -253,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
         with log.open("a", encoding="utf-8") as f:
             for done, line in enumerate(todo, start=len(lines) - len(todo) + 1):
                 try:
-                    record = evaluate_line(line, pipe.model.embed_images)
+                    record = evaluate_line(line, pipe.model.embed_images, clip)
                 except (InputError, OSError, ValueError) as exc:
                     failed += 1
                     print(f"error: line {line.id}: {exc}", file=sys.stderr)
