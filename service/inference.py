@@ -245,11 +245,12 @@ class InferenceService:
 
     async def predict(self, inputs: GenerationInputs, params: GenerationParams, *, request_id: str,
                       receive: Receive | None, ticket: Slot | None = None,
-                      events: EventSink | None = None) -> Prediction:
+                      events: EventSink | None = None, all_candidates: bool = True) -> Prediction:
         """Preprocess, queue, wait for the GPU worker, encode the PNG: :meth:`prepare` then :meth:`execute`."""
         with self.tracked(inputs):
             prepared = await self.prepare(inputs, params)
-            return await self.execute(prepared, request_id=request_id, receive=receive, ticket=ticket, events=events)
+            return await self.execute(prepared, request_id=request_id, receive=receive, ticket=ticket, events=events,
+                                      all_candidates=all_candidates)
 
     @contextlib.contextmanager
     def tracked(self, inputs: GenerationInputs) -> Iterator[None]:
@@ -281,7 +282,7 @@ class InferenceService:
 
     async def execute(self, prepared: PreparedRequest, *, request_id: str, receive: Receive | None,
                       ticket: Slot | None = None, events: EventSink | None = None,
-                      queue_timeout_s: float | None = None) -> Prediction:
+                      queue_timeout_s: float | None = None, all_candidates: bool = True) -> Prediction:
         """Queue the prepared job, wait for the GPU worker, encode the PNG.
 
         ``receive`` is the request's ASGI receive channel (the body is already read): it is watched for the
@@ -289,6 +290,8 @@ class InferenceService:
         None the caller watches (a streaming response is cancelled by its server when the client leaves). With
         ``events``, ``queued`` (position), ``started`` and ``progress`` are reported to it on the event loop.
         ``queue_timeout_s`` replaces ``ANYDOOR_QUEUE_TIMEOUT_S`` (async predictions wait as long as it takes).
+        With ``all_candidates`` False (an image answer, which carries the best candidate alone) only the best is
+        encoded and the prediction lists no candidates.
         """
         loop = asyncio.get_running_loop()
         sink = None
@@ -306,7 +309,7 @@ class InferenceService:
 
         t_png = time.perf_counter()
         params = prepared.work.params
-        ranked = outcome.candidates or (outcome,)
+        ranked = (outcome.candidates or (outcome,)) if all_candidates else (outcome,)
 
         def encode_all() -> list[bytes]:
             return [result.encode(params.output_format, params.output_quality) for result in ranked]
@@ -314,7 +317,7 @@ class InferenceService:
         encoded = await anyio.to_thread.run_sync(encode_all, limiter=self._limiter)
         data = encoded[0]
         candidates = tuple(Candidate(blob, result.seed, result.scores)
-                           for blob, result in zip(encoded, ranked, strict=True)) if outcome.candidates else ()
+                           for blob, result in zip(encoded, ranked, strict=True)) if len(ranked) > 1 else ()
         stages = outcome.timings
         assert job.started_at is not None
         timings = {"queue": job.started_at - job.enqueued_at}

@@ -6,6 +6,7 @@ The ASGI app runs with its lifespan (the GPU worker thread starts and stops) und
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import threading
 import time
@@ -297,3 +298,47 @@ def test_warm_up_inputs_make_a_valid_request() -> None:
     (x, y, w, h), = inputs.boxes
     assert x + w <= background.shape[1] and y + h <= background.shape[0]
     assert np.ptp(background) > 0
+
+
+class CandidatePipeline(FakePipeline):
+    """Candidates k = 0..n-1 with seed + k, scored so that the last is the best."""
+
+    def prepare_candidates(self, inputs: GenerationInputs, params: GenerationParams, *,
+                           limits: Any = None) -> list[Job]:
+        first = self.prepare(inputs, params, limits=limits)
+        return [self.prepare(inputs, params.with_seed(first.seed + k), limits=limits)
+                for k in range(params.num_outputs)]
+
+    def run(self, jobs: Sequence[Job], *, progress: Any = None, should_cancel: Any = None) -> list[GenerationResult]:
+        from dataclasses import replace
+
+        from model.pipeline.result import Scores
+
+        return [replace(r, scores=Scores((r.seed / 100,), 30.0))
+                for r in super().run(jobs, progress=progress, should_cancel=should_cancel)]
+
+
+def test_an_image_answer_encodes_the_best_candidate_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """num_outputs=3: the JSON answer encodes all three, best first; an image answer (the best alone) encodes
+    one image, not three."""
+    encoded: list[int] = []
+    real_encode = GenerationResult.encode
+
+    def counting_encode(self: GenerationResult, *args: Any, **kwargs: Any) -> bytes:
+        encoded.append(self.seed)
+        return real_encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationResult, "encode", counting_encode)
+
+    async def scenario(client: httpx.AsyncClient, app: Any) -> None:
+        data = {**DATA, "seed": "10", "num_outputs": "3"}
+        body = (await client.post("/predict", files=FILES, data=data, headers={"Accept": "application/json"})).json()
+        assert [c["seed"] for c in body["candidates"]] == [12, 11, 10] and body["seed"] == 12
+        assert sorted(encoded) == [10, 11, 12]
+        encoded.clear()
+        image = await client.post("/predict", files=FILES, data=data, headers={"Accept": "image/png"})
+        assert image.status_code == 200 and image.headers["x-seed"] == "12"
+        assert base64.b64decode(body["image"]) == image.content
+        assert encoded == [12]
+
+    run(scenario, pipe=CandidatePipeline())

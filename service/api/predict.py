@@ -135,8 +135,9 @@ async def predict(request: Request) -> Response:
     accept = request.headers.get("accept", "")
     if wants_stream(accept):
         return await _stream(request, inputs, params, request_id)
+    # An image answer is the best candidate alone: the others are not encoded.
     prediction = await service.predict(inputs, params, request_id=request_id, receive=request.receive,
-                                       ticket=request.scope.get(TICKET_KEY))
+                                       ticket=request.scope.get(TICKET_KEY), all_candidates=wants_json(accept))
     log.info("request %s: %dx%d, %d region(s), seed %d, %s; %s", request_id, prediction.width, prediction.height,
              prediction.regions, prediction.seed, params.changed() or "defaults", prediction.server_timing())
     return _reply(prediction, request_id, accept)
