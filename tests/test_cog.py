@@ -1,38 +1,31 @@
 """The Cog predictor, served by the real Cog server (``cog`` + ``coglet`` from PyPI) on the tiny reference model.
 
-The server is started as a Cog image starts it: ``python -m cog.server.http`` in the project root, with
-``COG_PREDICT_TYPE_STUB`` taken from ``cog.yaml``. Its worker subprocess runs ``python``, so this environment's
-interpreter goes first on ``PATH``. One server is shared by the module (start-up loads the weights once).
+The server is started as a Cog image starts it (:mod:`tests.support.cog`: ``python -m cog.server.http`` in the
+project root, with ``COG_PREDICT_TYPE_STUB`` taken from ``cog.yaml``). One server is shared by the module
+(start-up loads the weights once).
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import re
-import signal
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from model.pipeline import INPUT_FIELDS, param_specs
-from tests.support.server import free_port
+from tests.support.cog import COG_YAML, CogServer, cog_server
 
 ROOT = Path(__file__).resolve().parents[1]
 CASE = ROOT / "tests" / "fixtures" / "reference" / "case_a"
-COG_YAML = yaml.safe_load((ROOT / "cog.yaml").read_text())
 # The request spec's fields: the predictor must take exactly these.
 PREDICT_FIELDS = (*(f.name for f in INPUT_FIELDS), *(s.name for s in param_specs()))
 
@@ -43,88 +36,10 @@ def data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-class CogServer:
-    def __init__(self, port: int, log: Path) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = log
-
-    def get(self, path: str) -> dict[str, Any]:
-        with urllib.request.urlopen(self.url + path, timeout=10) as r:
-            return json.loads(r.read())
-
-    def predict(self, **inputs: Any) -> dict[str, Any]:
-        # Cog hands its one prediction slot back just after answering: a request sent at once can find it busy
-        # ("At capacity"), which is Cog's behaviour, not the predictor's, so wait for READY first.
-        self.wait_ready()
-        request = urllib.request.Request(
-            self.url + "/predictions",
-            data=json.dumps({"input": inputs}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=300) as r:
-                return json.loads(r.read())
-        except urllib.error.HTTPError as exc:  # a rejected request still has a JSON body
-            return json.loads(exc.read())
-
-    def wait_ready(self, timeout: float = 30.0) -> str:
-        # The slot is handed back shortly after the response, so BUSY may show for a moment.
-        deadline = time.monotonic() + timeout
-        while (status := self.get("/health-check")["status"]) != "READY" and time.monotonic() < deadline:
-            time.sleep(0.1)
-        return str(status)
-
-    def logs(self) -> str:
-        return self.log.read_text(errors="replace")[-8000:]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
-    port = free_port()
-    tmp = tmp_path_factory.mktemp("cog")
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("ANYDOOR_")},  # hermetic: only what is set here
-        "COG_PREDICT_TYPE_STUB": COG_YAML["predict"],
-        "PORT": str(port),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "ANYDOOR_WEIGHTS": str(CASE / "model.safetensors"),
-        "ANYDOOR_CONFIG": str(CASE / "model.yaml"),
-        "ANYDOOR_DEVICE": "cpu",
-        "ANYDOOR_CACHE_DIR": str(tmp / "cache"),
-        "ANYDOOR_WARMUP_STEPS": "1",
-    }
-    log = tmp / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    srv = CogServer(port, log)
-    try:
-        deadline = time.monotonic() + 240
-        status = None
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"the Cog server exited with {proc.returncode}:\n{srv.logs()}")
-            try:
-                status = srv.get("/health-check")
-                if status.get("status") in ("READY", "SETUP_FAILED", "DEFUNCT"):
-                    break
-            except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
-                pass
-            time.sleep(0.5)
-        assert status is not None and status["status"] == "READY", f"{status}\n{srv.logs()}"
+    with cog_server(tmp_path_factory.mktemp("cog")) as srv:
         yield srv
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def inputs(**overrides: Any) -> dict[str, Any]:

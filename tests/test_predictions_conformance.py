@@ -1,5 +1,6 @@
 """Conformance with Cog: the same prediction requests to the Cog predictor under Cog's own server
-(``python -m cog.server.http``, as ``tests/test_cog.py`` runs it) and to ``anydoor serve``.
+(``python -m cog.server.http``, started by ``tests/support/cog.py`` as for ``tests/test_cog.py``) and to
+``anydoor serve``.
 
 Ours must carry at least every key Cog's carry (Cog answers a 202 with ``id`` and ``status`` only and sends
 webhooks with ``id, input, status, logs, metrics, output``; ours add ``input`` where Cog has none and the
@@ -12,11 +13,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,16 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from tests.support.server import CASE_A, ServerProcess, free_port, tiny_model_env
+from tests.support.cog import cog_server
+from tests.support.server import CASE_A, ServerProcess, tiny_model_env
 from tests.support.webhooks import Received, WebhookReceiver
 
 pytest.importorskip("cog", reason="the Cog SDK is a test dependency: pip install cog==0.23.1")
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-COG_YAML = yaml.safe_load((ROOT / "cog.yaml").read_text())
 TOKEN = "conformance-token"
 
 
@@ -69,41 +63,9 @@ def call(url: str, method: str, path: str, body: Any = None, headers: dict[str, 
 
 
 @pytest.fixture(scope="module")
-def cog_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    tmp = tmp_path_factory.mktemp("cog")
-    port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("ANYDOOR_")},
-        "COG_PREDICT_TYPE_STUB": COG_YAML["predict"], "PORT": str(port),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "ANYDOOR_WEIGHTS": str(CASE_A / "model.safetensors"), "ANYDOOR_CONFIG": str(CASE_A / "model.yaml"),
-        "ANYDOOR_DEVICE": "cpu", "ANYDOOR_CACHE_DIR": str(tmp / "cache"), "ANYDOOR_WARMUP_STEPS": "1",
-        "WEBHOOK_AUTH_TOKEN": TOKEN, "OMP_WAIT_POLICY": "PASSIVE",
-    }
-    log = tmp / "cog.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"], cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
-            try:
-                if call(url, "GET", "/health-check").body.get("status") == "READY":
-                    break
-            except (urllib.error.URLError, ConnectionError, AttributeError):
-                pass
-            assert time.monotonic() < deadline, log.read_text(errors="replace")[-4000:]
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def cog_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with cog_server(tmp_path_factory.mktemp("cog"), WEBHOOK_AUTH_TOKEN=TOKEN) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")
@@ -158,9 +120,9 @@ def statuses(webhooks: list[Received]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def answers(cog_server: str, server: ServerProcess) -> tuple[Exchange, Exchange]:
+def answers(cog_url: str, server: ServerProcess) -> tuple[Exchange, Exchange]:
     with WebhookReceiver() as cog_hooks, WebhookReceiver() as our_hooks:
-        cog = exchange(cog_server, cog_hooks)
+        cog = exchange(cog_url, cog_hooks)
         ours = exchange(server.url, our_hooks)
     return cog, ours
 
