@@ -77,9 +77,15 @@ def lines_of_dataset(dataset: Path) -> list[EvalLine]:
         results = dataset / "results.jsonl"
         if not results.is_file():
             raise SystemExit(f"error: {dataset} has no results.jsonl (is it a directory written by anydoor batch?)")
-        from anydoor_batch.dataset import read_records  # the batch's own reader: the latest record of each id
-
-        for record in read_records(results).values():
+        latest: dict[str, dict[str, Any]] = {}
+        for text in results.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("id"), str):
+                latest[record["id"]] = record
+        for record in latest.values():
             if record.get("status") != "ok":
                 continue
             inputs = record.get("inputs")
