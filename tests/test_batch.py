@@ -401,6 +401,7 @@ def test_remote_per_region_references_and_placement(data: Path, servers: list[Se
 # --- lines keyed like /predict, and manifests that try to do harm -------------------------------------------------
 
 
+@pytest.mark.slow  # four lines generated
 def test_a_line_keyed_like_a_predict_form_is_accepted(data: Path) -> None:
     manifest = write_manifest(data, [
         line(id="form-box", box="40,50,160,120", seed=1),
@@ -424,13 +425,19 @@ def test_a_line_keyed_like_a_predict_form_is_accepted(data: Path) -> None:
     assert not bad and lines[0].placement_area == (data / "area.png")
 
 
-def test_limits_are_the_services(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    nine = ";".join(["10,10,40,40"] * 9)
-    manifest = write_manifest(data, [line(id="nine", box=nine)])
+def test_limits_are_the_services(data: Path) -> None:
+    manifest = write_manifest(data, [line(id="nine", box=";".join(["10,10,40,40"] * 9))])
     out = data.parent / "out"
     assert main(["batch", str(manifest), "-o", str(out), "--demo", "--quiet"]) == 1
     assert latest(out)["nine"]["error"]["code"] == "too_many_regions"
+
+
+@pytest.mark.slow  # nine regions generated
+def test_the_services_limit_flags_raise_the_batch_limits(data: Path) -> None:
+    manifest = write_manifest(data, [line(id="nine", box=";".join(["10,10,40,40"] * 9))])
+    out = data.parent / "out-nine"
     assert main(["batch", str(manifest), "-o", str(out), "--demo", "--quiet", "--max-regions", "9"]) == 0
+    assert len(latest(out)["nine"]["boxes"]) == 9
 
 
 def test_manifest_files_stay_in_the_manifest_directory(data: Path, tmp_path: Path) -> None:

@@ -471,7 +471,7 @@ def test_a_slow_receiver_does_not_block_the_producer() -> None:
         for i in range(20):
             s.send(f"p{i}", "https://hooks.example/x", "start", {"status": "processing"})
             s.send(f"p{i}", "https://hooks.example/x", "completed", {"status": "succeeded"})
-        assert time.perf_counter() - start < 0.1
+        assert time.perf_counter() - start < 1.0  # one blocked delivery alone would take 2 s
         assert s.backlog == 40
     finally:
         s.stop()

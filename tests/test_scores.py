@@ -97,6 +97,7 @@ def test_mask_targets_are_the_masks_regions(pipe: AnyDoorPipeline) -> None:
         independent_psnr(np.asarray(result.image), background, inside), abs=0.01)
 
 
+@pytest.mark.slow  # three generations
 def test_scores_do_not_depend_on_the_batch(pipe: AnyDoorPipeline) -> None:
     """A job scored alone or next to another job gets the same numbers, up to float32 batch arithmetic."""
     params = GenerationParams(steps=2, seed=5)
@@ -109,6 +110,7 @@ def test_scores_do_not_depend_on_the_batch(pipe: AnyDoorPipeline) -> None:
     assert together.scores.background_psnr == pytest.approx(alone.scores.background_psnr, abs=0.05)
 
 
+@pytest.mark.slow  # six images generated
 def test_candidate_k_is_the_single_request_with_seed_plus_k(pipe: AnyDoorPipeline) -> None:
     inputs = GenerationInputs(CASE_A / "reference.png", CASE_A / "background.png", boxes=BOXES[:1])
     best = pipe.generate(inputs, GenerationParams(steps=2, seed=40, num_outputs=3))

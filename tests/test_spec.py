@@ -172,14 +172,20 @@ def test_generate_with_the_refiner_flag_writes_a_png(tmp_path: Path, capsys: pyt
     assert code == 0 and Image.open(out).size == (640, 480)
 
 
+NINE_BOXES = [arg for _ in range(9) for arg in ("--box", "10,10,40,40")]
+
+
 def test_generate_refuses_what_the_service_refuses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    nine = [arg for _ in range(9) for arg in ("--box", "10,10,40,40")]
-    assert generate(tmp_path, *nine)[0] == 2
+    assert generate(tmp_path, *NINE_BOXES)[0] == 2
     assert "[too_many_regions]" in capsys.readouterr().err
-    assert generate(tmp_path, *nine, "--max-regions", "9")[0] == 0
-    capsys.readouterr()
     assert generate(tmp_path, "--box", "1,1,30,30", "--background", "/dev/zero")[0] == 2  # the last flag wins
     assert "[not_a_file]" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # nine regions generated
+def test_generate_takes_the_services_limit_flags(tmp_path: Path) -> None:
+    code, out = generate(tmp_path, *NINE_BOXES, "--max-regions", "9")
+    assert code == 0 and Image.open(out).size == (640, 480)
 
 
 def test_python_api_has_the_service_limits() -> None:
