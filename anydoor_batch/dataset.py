@@ -68,6 +68,22 @@ class Finished:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def best_of(results: Sequence[Any]) -> tuple[Any, dict[str, Any]]:
+    """The best of a line's candidates (one per seed, ``num_outputs`` of them; ranked as /predict ranks them) and
+    what its record adds: the best one's ``scores`` and, with several, ``candidates``: each one's seed and scores,
+    best first (any one is that line again with ``num_outputs`` 1 and its seed)."""
+    from model.pipeline.result import rank_candidates
+
+    best = rank_candidates(results)
+    extra: dict[str, Any] = {}
+    if best.scores is not None:
+        extra["scores"] = best.scores.to_dict()
+    if best.candidates:
+        extra["candidates"] = [{"seed": c.seed, "scores": c.scores.to_dict() if c.scores is not None else None}
+                               for c in best.candidates]
+    return best, extra
+
+
 def read_records(path: Path) -> dict[str, dict[str, Any]]:
     """The latest record of each id in a results.jsonl (read only; a last line cut short is not one)."""
     records: dict[str, dict[str, Any]] = {}

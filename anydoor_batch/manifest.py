@@ -136,10 +136,7 @@ def parse_line(raw: Any, number: int, base: Path, *, files: LocalFiles | None = 
     references, masks, background = paths("reference"), paths("reference_mask"), path("background")
     assert background is not None  # required: collect says so otherwise
     params = decode_params(request)
-    # A dataset line is one PNG with its labels; candidates and other formats are for interactive surfaces.
-    if params.num_outputs != 1:
-        raise InputError("num_outputs", ErrorCode.INVALID_PARAMETER, "a batch line makes one image; give one "
-                         "line per seed instead (candidates are for /predict, generate and Cog)")
+    # A dataset line is one PNG with its labels (with num_outputs N: the best of N candidates).
     if params.output_format != "png":
         raise InputError("output_format", ErrorCode.INVALID_PARAMETER, "a batch writes PNG images; leave "
                          "output_format out")

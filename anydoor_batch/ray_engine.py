@@ -23,8 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from anydoor_batch.dataset import Finished
-from anydoor_batch.manifest import Line, local_inputs
+from anydoor_batch.dataset import Finished, best_of
+from anydoor_batch.local import prepare_line
+from anydoor_batch.manifest import Line
 from anydoor_batch.report import Report
 from model.errors import ErrorCode, InputError
 from model.pipeline.loader import LoadSpec
@@ -65,8 +66,8 @@ def _failure(code: str, field: str | None, message: str, seed: int | None) -> by
 
 
 def prepare_row(row: dict[str, Any], *, config: Any, limits: Limits) -> dict[str, Any]:
-    """CPU task: one line to a pickled :class:`Job` (or its failure). Lines that refine the reference mask are left
-    to the actors, which hold the refiner."""
+    """CPU task: one line to its pickled jobs (one, or its ``num_outputs`` candidates; or its failure). Lines that
+    refine the reference mask are left to the actors, which hold the refiner."""
     from model.pipeline.run import AnyDoorPipeline
 
     line: Line = pickle.loads(row["line"])
@@ -79,7 +80,7 @@ def prepare_row(row: dict[str, Any], *, config: Any, limits: Limits) -> dict[str
     if preparer is None:
         preparer = _PREPARERS[key] = AnyDoorPipeline.preparer(config)
     try:
-        out["job"] = pickle.dumps(preparer.prepare(local_inputs(line), line.params, limits=limits))
+        out["job"] = pickle.dumps(prepare_line(preparer, line, limits))
     except InputError as exc:
         out["error"] = _failure(exc.code.value, exc.field, exc.message, line.params.seed)
     except Exception as exc:  # a bug or an unreadable file must cost one line, not the run
@@ -110,15 +111,15 @@ class Generator:
                 results[number] = {"error": bytes(error)}
                 continue
             if job_data:
-                job = pickle.loads(job_data)
+                jobs = pickle.loads(job_data)
             else:
                 line: Line = pickle.loads(line_data)
                 try:
-                    job = self.pipe.prepare(local_inputs(line), line.params, limits=self.limits)
+                    jobs = prepare_line(self.pipe, line, self.limits)
                 except InputError as exc:
                     results[number] = {"error": _failure(exc.code.value, exc.field, exc.message, line.params.seed)}
                     continue
-            groups.setdefault(job.batch_key, []).append((number, job))
+            groups.setdefault(jobs[0].batch_key, []).append((number, jobs))
         for group in groups.values():
             self._run(group, results)
         out: dict[str, list[Any]] = {"number": [], "png": [], "meta": [], "error": []}
@@ -130,23 +131,25 @@ class Generator:
             out["error"].append(result.get("error", b""))
         return out
 
-    def _run(self, group: list[tuple[int, Any]], results: dict[int, dict[str, Any]]) -> None:
+    def _run(self, group: list[tuple[int, list[Any]]], results: dict[int, dict[str, Any]]) -> None:
         try:
-            generated = self.pipe.run([job for _, job in group])
+            generated = self.pipe.run([job for _, jobs in group for job in jobs])
         except Exception as exc:  # one bad job must not take its batch mates down: run them one at a time
             if len(group) > 1:
                 for item in group:
                     self._run([item], results)
                 return
-            number, job = group[0]
+            number, jobs = group[0]
             results[number] = {"error": _failure(ErrorCode.INTERNAL_ERROR.value, None, f"{type(exc).__name__}: {exc}",
-                                                 job.seed)}
+                                                 jobs[0].seed)}
             return
-        for (number, _), result in zip(group, generated, strict=True):
-            meta = {"width": result.image.width, "height": result.image.height, "seed": result.seed,
-                    "boxes": [list(b) for b in result.boxes], "timings": dict(result.timings),
-                    "scores": result.scores.to_dict() if result.scores is not None else None}
-            results[number] = {"png": result.to_png(), "meta": json.dumps(meta).encode()}
+        at = 0
+        for number, jobs in group:
+            best, extra = best_of(generated[at:at + len(jobs)])
+            at += len(jobs)
+            meta = {"width": best.image.width, "height": best.image.height, "seed": best.seed,
+                    "boxes": [list(b) for b in best.boxes], "timings": dict(best.timings), "extra": extra}
+            results[number] = {"png": best.to_png(), "meta": json.dumps(meta).encode()}
 
 
 def _start(ray: Any, options: RayOptions) -> bool:
@@ -202,7 +205,7 @@ def run_ray(lines: Sequence[Line], report: Report, spec: LoadSpec, options: RayO
             meta = json.loads(bytes(row["meta"]))
             boxes = [(int(b[0]), int(b[1]), int(b[2]), int(b[3])) for b in meta["boxes"]]
             report.generated(line, Finished(bytes(row["png"]), meta["width"], meta["height"], meta["seed"], boxes,
-                                            meta["timings"], {"scores": meta["scores"]} if meta.get("scores") else {}))
+                                            meta["timings"], meta["extra"]))
     finally:
         if started:
             ray.shutdown()

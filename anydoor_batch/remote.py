@@ -60,9 +60,12 @@ def send_line(line: Line, anydoor: AnyDoorClient, files: LocalFiles | None = Non
     except AnyDoorError as exc:
         return None, (exc.error, exc.field, exc.message)
     timings = {name: ms / 1000 for name, ms in result.timings_ms.items()}
-    return Finished(result.png, result.width, result.height, result.seed, list(result.boxes), timings,
-                    {"server": result.server, "attempts": result.attempts,
-                     **({"scores": result.scores} if result.scores is not None else {})}), None
+    extra: dict[str, Any] = {"server": result.server, "attempts": result.attempts}
+    if result.scores is not None:
+        extra["scores"] = result.scores
+    if result.candidates:  # num_outputs > 1: the answer is the best; the record keeps every seed and its scores
+        extra["candidates"] = [{"seed": c["seed"], "scores": c["scores"]} for c in result.candidates]
+    return Finished(result.png, result.width, result.height, result.seed, list(result.boxes), timings, extra), None
 
 
 def run_remote(lines: Sequence[Line], report: Report, options: RemoteOptions) -> None:

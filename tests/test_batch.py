@@ -517,3 +517,24 @@ def test_clean_up_touches_only_our_own_temporary_files(data: Path) -> None:
     manifest = write_manifest(data, [line(box="1,2,30,40")])
     assert main(["batch", str(manifest), "-o", str(out), "--demo", "--quiet"]) == 0
     assert not ours.exists() and all(p.read_bytes() == b"keep" for p in theirs)
+
+
+@pytest.mark.slow  # four generations
+def test_a_line_with_num_outputs_keeps_the_best_of_its_candidates(data: Path) -> None:
+    """num_outputs 3: the line's image and labels are the best candidate's (by identity, as /predict ranks), its
+    record lists the three seeds and scores best first, and the best is that line again with its seed alone."""
+    manifest = write_manifest(data, [line(id="best-of-3", box="40,50,160,120", seed=10, num_outputs=3)])
+    out = data.parent / "out"
+    assert main(["batch", str(manifest), "-o", str(out), "--demo", "--quiet"]) == 0
+    record = latest(out)["best-of-3"]
+    candidates = record["candidates"]
+    assert sorted(c["seed"] for c in candidates) == [10, 11, 12]
+    identity = [c["scores"]["identity"] for c in candidates]
+    assert identity == sorted(identity, reverse=True)
+    assert record["seed"] == candidates[0]["seed"] and record["scores"] == candidates[0]["scores"]
+    assert (out / "labels" / "best-of-3.txt").read_text().count("\n") == 1  # one object: the image's
+    again = write_manifest(data, [line(id="alone", box="40,50,160,120", seed=record["seed"])])
+    assert main(["batch", str(again), "-o", str(data.parent / "again"), "--demo", "--quiet"]) == 0
+    a = np.asarray(Image.open(out / "images" / "best-of-3.png"), dtype=np.int16)
+    b = np.asarray(Image.open(data.parent / "again" / "images" / "alone.png"), dtype=np.int16)
+    assert np.abs(a - b).max() <= 1  # a batch of three rounds differently from one job: within one level

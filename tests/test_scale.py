@@ -8,7 +8,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from anydoor_batch.manifest import Shard, shard_of
 from service.cli import build_parser, main
@@ -196,9 +198,12 @@ def test_the_ray_engine_writes_the_local_engines_bytes(pipe: Any, data: Path, tm
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     manifest = seven_lines(data)
     lines = manifest.read_text().splitlines()
-    manifest.write_text("\n".join([*lines[1:4], json.dumps({"id": "bad", "reference": "reference.png",
-                                                            "background": "background.png",
-                                                            "box": [[600, 460, 100, 100]], **FAST})]) + "\n")
+    best_of_2 = {"id": "best", "reference": "reference.png", "background": "background.png",
+                 "box": [[40, 60, 120, 100]], "seed": 8, "num_outputs": 2, **FAST}  # two candidates, the best kept
+    manifest.write_text("\n".join([*lines[1:4], json.dumps(best_of_2),
+                                   json.dumps({"id": "bad", "reference": "reference.png",
+                                               "background": "background.png",
+                                               "box": [[600, 460, 100, 100]], **FAST})]) + "\n")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -212,6 +217,10 @@ def test_the_ray_engine_writes_the_local_engines_bytes(pipe: Any, data: Path, tm
     rows = (tmp_path / "ray" / "results.jsonl").read_text().splitlines()
     records = {json.loads(r)["id"]: json.loads(r) for r in rows}
     assert records["bad"]["error"]["code"] == "box_out_of_image" and records["b"]["classes"] == ["reference", "bottle"]
+    local_rows = (tmp_path / "local" / "results.jsonl").read_text().splitlines()
+    local = {json.loads(r)["id"]: json.loads(r) for r in local_rows}
+    assert [c["seed"] for c in records["best"]["candidates"]] == [c["seed"] for c in local["best"]["candidates"]]
+    assert sorted(c["seed"] for c in records["best"]["candidates"]) == [8, 9]
     # Resumable the same way: finished lines are skipped (not handed to Ray), the failed one is retried.
     mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ray" / "images").iterdir()}
     assert main(["batch", str(manifest), "-o", str(tmp_path / "ray"), "--demo", "--device", "cpu", "--quiet",
@@ -243,3 +252,14 @@ def test_the_remote_engine_writes_the_local_engines_bytes(pipe: Any, data: Path,
     assert main(["batch", str(manifest), "-o", str(tmp_path / "remote"), "--url", server.url, "--concurrency", "1",
                  "--quiet"]) == 0
     assert dataset(tmp_path / "remote") == dataset(tmp_path / "local")
+    # num_outputs 2 through the server: the best of two, with both seeds and scores recorded, as locally.
+    manifest.write_text(json.dumps({"id": "best", "reference": "reference.png", "background": "background.png",
+                                    "box": [[40, 60, 120, 100]], "seed": 8, "num_outputs": 2, **FAST}) + "\n")
+    assert batch(pipe, manifest, tmp_path / "local2") == 0
+    assert main(["batch", str(manifest), "-o", str(tmp_path / "remote2"), "--url", server.url, "--quiet"]) == 0
+    here, there = (json.loads((tmp_path / d / "results.jsonl").read_text()) for d in ("local2", "remote2"))
+    assert [c["seed"] for c in there["candidates"]] == [c["seed"] for c in here["candidates"]] and \
+        sorted(c["seed"] for c in there["candidates"]) == [8, 9] and there["seed"] == here["seed"]
+    a, b = (np.asarray(Image.open(tmp_path / d / "images" / "best.png"), dtype=np.int16)
+            for d in ("local2", "remote2"))
+    assert np.abs(a - b).max() <= 1  # the server batches the candidates its own way: within one level
