@@ -2,10 +2,10 @@
 
 Each manifest line is one request, keyed like ``/predict`` (``reference``, ``background``, one target, any
 parameter by its spec name) with file paths relative to the manifest. The output directory gets the images
-(``images/<id>.png``), one result record per finished line (``results.jsonl``), and the inserted objects' boxes
-as COCO (``annotations.json``) and YOLO (``labels/<id>.txt``, ``labels/classes.txt``) annotations
-(:mod:`anydoor_batch.dataset`). Running the command again skips every line whose id has an ``ok`` record and an
-image, and retries the rest; a line that finished is never generated again.
+(``images/<id>.png``, or ``.jpg``/``.webp`` per its ``output_format``), one result record per finished line
+(``results.jsonl``), and the inserted objects' boxes as COCO (``annotations.json``) and YOLO (``labels/<id>.txt``,
+``labels/classes.txt``) annotations (:mod:`anydoor_batch.dataset`). Running the command again skips every line
+whose id has an ``ok`` record and an image, and retries the rest; a line that finished is never generated again.
 
 Engines: **local** (``--weights`` or ``--demo``, :mod:`anydoor_batch.local`), **remote** (``--url``, repeatable,
 :mod:`anydoor_batch.remote`) and **ray** (``--engine ray``, :mod:`anydoor_batch.ray_engine`, the ``[ray]`` extra).
@@ -63,7 +63,8 @@ def register(sub: Any) -> None:
         "batch",
         help="generate every line of a JSON Lines manifest into a labelled dataset (COCO + YOLO), resumable",
         description="Generate one image per line of MANIFEST (JSON Lines, keyed like /predict; paths relative to "
-        "the manifest) into OUT: images/<id>.png, results.jsonl, annotations.json (COCO), labels/<id>.txt (YOLO). "
+        "the manifest) into OUT: images/<id>.png (.jpg, .webp with output_format), results.jsonl, "
+        "annotations.json (COCO), labels/<id>.txt (YOLO). "
         "Run it again to resume: finished lines are skipped, failed ones retried. Exit status: 0 all lines ok, "
         "1 some failed, 2 usage error.",
     )

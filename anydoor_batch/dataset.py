@@ -57,15 +57,16 @@ def rle(mask: np.ndarray) -> dict[str, Any]:
 
 @dataclass
 class Finished:
-    """What a line gave: its image and what the annotations need."""
+    """What a line gave: its image (encoded in the line's ``output_format``) and what the annotations need."""
 
-    png: bytes
+    image: bytes
     width: int
     height: int
     seed: int
     boxes: list[Box]
     timings: dict[str, float]
     extra: dict[str, Any] = field(default_factory=dict)
+    suffix: str = ".png"  # the image file's: OUTPUT_FORMATS[output_format][1]
 
 
 def best_of(results: Sequence[Any]) -> tuple[Any, dict[str, Any]]:
@@ -154,7 +155,11 @@ class Outputs:
 
     def done(self, line_id: str) -> bool:
         record = self.records.get(line_id)
-        return bool(record and record.get("status") == "ok" and (self.images / f"{line_id}.png").is_file())
+        return bool(record and record.get("status") == "ok" and self.image_path(record).is_file())
+
+    def image_path(self, record: dict[str, Any]) -> Path:
+        """Where an ok record's image is: its ``file`` (``images/<id>.png``, ``.jpg`` or ``.webp``)."""
+        return self.root / str(record.get("file") or f"images/{record['id']}.png")
 
     def add_classes(self, names: Sequence[str]) -> None:
         """Register category names; existing ones keep their index, so labels written earlier stay right."""
@@ -172,10 +177,10 @@ class Outputs:
     def ok(self, line: Line, result: Finished) -> None:
         record = {"id": line.id, "line": line.number, "status": "ok", "seed": result.seed,
                   "boxes": [list(b) for b in result.boxes], "classes": line.classes(len(result.boxes)),
-                  "file": f"images/{line.id}.png", "width": result.width, "height": result.height,
+                  "file": f"images/{line.id}{result.suffix}", "width": result.width, "height": result.height,
                   "timings": {k: round(v, 4) for k, v in result.timings.items()},
                   "inputs": line.inputs_record(), **result.extra}
-        self.add(record, result.png)
+        self.add(record, result.image)
 
     def labels_of(self, record: dict[str, Any]) -> bytes:
         """The YOLO label file of an ok record: ``class cx cy w h`` per object, normalised to the image."""
@@ -186,11 +191,11 @@ class Outputs:
             labels.append(f"{self.classes.index(name)} {cx:.6f} {cy:.6f} {w / width:.6f} {h / height:.6f}\n")
         return "".join(labels).encode("utf-8")
 
-    def add(self, record: dict[str, Any], png: bytes) -> None:
+    def add(self, record: dict[str, Any], image: bytes) -> None:
         """An ok record with its image: the image and label first, so an ok record always has its files (files
         without a record are redone)."""
         with self._lock:
-            atomic_write(self.images / f"{record['id']}.png", png)
+            atomic_write(self.image_path(record), image)
             atomic_write(self.labels / f"{record['id']}.txt", self.labels_of(record))
             self._append(record)
             self._tick()
@@ -221,8 +226,8 @@ class Outputs:
         done = sorted((numbers[i], i, r) for i, r in self.records.items() if r.get("status") == "ok" and i in numbers)
         images: list[dict[str, Any]] = []
         annotations: list[dict[str, Any]] = []
-        for number, line_id, record in done:
-            images.append({"id": number, "file_name": f"{line_id}.png", "width": record["width"],
+        for number, _line_id, record in done:
+            images.append({"id": number, "file_name": self.image_path(record).name, "width": record["width"],
                            "height": record["height"]})
             segmentations = record.get("segmentation") or [None] * len(record["boxes"])
             for box, name, seg in zip(record["boxes"], record["classes"], segmentations, strict=True):

@@ -12,6 +12,7 @@ from anydoor_batch.manifest import Line, local_inputs
 from anydoor_batch.report import Report
 from model.errors import ErrorCode, InputError
 from model.spec.limits import Limits
+from model.spec.params import OUTPUT_FORMATS
 
 
 def prepare_line(pipe: Any, line: Line, limits: Limits | None) -> list[Any]:
@@ -44,8 +45,11 @@ def run_local(pipe: Any, lines: Sequence[Line], report: Report, *, batch: int, l
         for line, jobs in group:
             best, extra = best_of(results[at:at + len(jobs)])
             at += len(jobs)
-            report.generated(line, Finished(best.to_png(), best.image.width, best.image.height, best.seed,
-                                            [tuple(b) for b in best.boxes], dict(best.timings), extra))
+            params = line.params
+            report.generated(line, Finished(best.encode(params.output_format, params.output_quality),
+                                            best.image.width, best.image.height, best.seed,
+                                            [tuple(b) for b in best.boxes], dict(best.timings), extra,
+                                            OUTPUT_FORMATS[params.output_format][1]))
 
     for line in lines:
         try:

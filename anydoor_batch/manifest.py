@@ -136,10 +136,8 @@ def parse_line(raw: Any, number: int, base: Path, *, files: LocalFiles | None = 
     references, masks, background = paths("reference"), paths("reference_mask"), path("background")
     assert background is not None  # required: collect says so otherwise
     params = decode_params(request)
-    # A dataset line is one PNG with its labels (with num_outputs N: the best of N candidates).
-    if params.output_format != "png":
-        raise InputError("output_format", ErrorCode.INVALID_PARAMETER, "a batch writes PNG images; leave "
-                         "output_format out")
+    # A dataset line is one image with its labels (with num_outputs N: the best of N candidates), in its
+    # output_format: images/<id>.png, .jpg or .webp.
     given = tuple(name for name in PARAM_NAMES if name in request.values)
     return Line(number, line_id, references, masks, background, request.boxes, path("background_mask"),
                 request.placement, path("placement_area"), params, given)

@@ -44,7 +44,7 @@ class Source:
         return cls(root, read_records(root / "results.jsonl"), read_classes(root / "labels" / "classes.txt"))
 
     def image(self, line_id: str) -> bytes:
-        path = self.root / "images" / f"{line_id}.png"
+        path = self.root / str(self.records[line_id].get("file") or f"images/{line_id}.png")
         try:
             return path.read_bytes()
         except OSError as exc:
@@ -109,7 +109,7 @@ def merge(inputs: list[Path], output: Path) -> tuple[int, int]:
         raise MergeError("invalid_parameter", f"cannot use the output directory {output}: {exc}", EXIT_USAGE) from None
     try:
         new_ok, new_failed = plan(sources, outputs.records,
-                                  lambda line_id: (outputs.images / f"{line_id}.png").read_bytes())
+                                  lambda line_id: outputs.image_path(outputs.records[line_id]).read_bytes())
         outputs.add_classes([name for source in sources for name in source.classes] +
                             [name for record, _ in new_ok for name in record["classes"]])
         for record, png in new_ok:

@@ -30,6 +30,7 @@ from anydoor_batch.report import Report
 from model.errors import ErrorCode, InputError
 from model.pipeline.loader import LoadSpec
 from model.spec.limits import Limits
+from model.spec.params import OUTPUT_FORMATS
 
 PREPARE_MEMORY = 512 * 2**20  # a preparing worker: torch and the imaging code (~250 MiB measured), one decoded line
 INSTALL_HINT = "the Ray engine needs Ray: pip install 'anydoor-serve[ray]' (or pip install 'ray[data]')"
@@ -122,11 +123,11 @@ class Generator:
             groups.setdefault(jobs[0].batch_key, []).append((number, jobs))
         for group in groups.values():
             self._run(group, results)
-        out: dict[str, list[Any]] = {"number": [], "png": [], "meta": [], "error": []}
+        out: dict[str, list[Any]] = {"number": [], "image": [], "meta": [], "error": []}
         for number in numbers:
             result = results[number]
             out["number"].append(number)
-            out["png"].append(result.get("png", b""))
+            out["image"].append(result.get("image", b""))
             out["meta"].append(result.get("meta", b""))
             out["error"].append(result.get("error", b""))
         return out
@@ -149,7 +150,9 @@ class Generator:
             at += len(jobs)
             meta = {"width": best.image.width, "height": best.image.height, "seed": best.seed,
                     "boxes": [list(b) for b in best.boxes], "timings": dict(best.timings), "extra": extra}
-            results[number] = {"png": best.to_png(), "meta": json.dumps(meta).encode()}
+            params = jobs[0].params
+            results[number] = {"image": best.encode(params.output_format, params.output_quality),
+                               "meta": json.dumps(meta).encode()}
 
 
 def _start(ray: Any, options: RayOptions) -> bool:
@@ -204,8 +207,9 @@ def run_ray(lines: Sequence[Line], report: Report, spec: LoadSpec, options: RayO
                 continue
             meta = json.loads(bytes(row["meta"]))
             boxes = [(int(b[0]), int(b[1]), int(b[2]), int(b[3])) for b in meta["boxes"]]
-            report.generated(line, Finished(bytes(row["png"]), meta["width"], meta["height"], meta["seed"], boxes,
-                                            meta["timings"], meta["extra"]))
+            report.generated(line, Finished(bytes(row["image"]), meta["width"], meta["height"], meta["seed"], boxes,
+                                            meta["timings"], meta["extra"],
+                                            OUTPUT_FORMATS[line.params.output_format][1]))
     finally:
         if started:
             ray.shutdown()

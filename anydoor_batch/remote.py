@@ -16,6 +16,7 @@ from anydoor_batch.report import Report
 from client import AnyDoorClient, AnyDoorError
 from model.errors import ErrorCode, InputError
 from model.spec.files import LocalFiles
+from model.spec.params import OUTPUT_FORMATS
 
 BACKOFF_BASE_S = 0.5  # the client's backoff base; tests make it shorter
 
@@ -65,7 +66,8 @@ def send_line(line: Line, anydoor: AnyDoorClient, files: LocalFiles | None = Non
         extra["scores"] = result.scores
     if result.candidates:  # num_outputs > 1: the answer is the best; the record keeps every seed and its scores
         extra["candidates"] = [{"seed": c["seed"], "scores": c["scores"]} for c in result.candidates]
-    return Finished(result.png, result.width, result.height, result.seed, list(result.boxes), timings, extra), None
+    return Finished(result.png, result.width, result.height, result.seed, list(result.boxes), timings, extra,
+                    OUTPUT_FORMATS[line.params.output_format][1]), None
 
 
 def run_remote(lines: Sequence[Line], report: Report, options: RemoteOptions) -> None:

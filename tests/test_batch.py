@@ -538,3 +538,33 @@ def test_a_line_with_num_outputs_keeps_the_best_of_its_candidates(data: Path) ->
     a = np.asarray(Image.open(out / "images" / "best-of-3.png"), dtype=np.int16)
     b = np.asarray(Image.open(data.parent / "again" / "images" / "alone.png"), dtype=np.int16)
     assert np.abs(a - b).max() <= 1  # a batch of three rounds differently from one job: within one level
+
+
+@pytest.mark.slow  # two generations and a merge
+def test_output_format_picks_the_dataset_image_files(data: Path, tmp_path: Path) -> None:
+    """output_format jpeg and webp write images/<id>.jpg and .webp (the seed in their EXIF), named so in the
+    record and in COCO; a rerun skips them, eval scores them and merge copies them."""
+    from model.pipeline.result import read_metadata
+
+    manifest = write_manifest(data, [line(id="j", box="40,50,160,120", seed=4, output_format="jpeg",
+                                          output_quality=80),
+                                     line(id="w", box="40,50,160,120", seed=5, output_format="webp")])
+    out = tmp_path / "out"
+    assert main(["batch", str(manifest), "-o", str(out), "--demo", "--quiet"]) == 0
+    records = latest(out)
+    for line_id, name, pil in (("j", "j.jpg", "JPEG"), ("w", "w.webp", "WEBP")):
+        assert records[line_id]["file"] == f"images/{name}"
+        with Image.open(out / "images" / name) as image:
+            assert image.format == pil and image.size == (640, 480)
+            assert read_metadata(image)["anydoor:seed"] == str(records[line_id]["seed"])
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["j.jpg", "w.webp"]
+    coco = json.loads((out / "annotations.json").read_text())
+    assert sorted(image["file_name"] for image in coco["images"]) == ["j.jpg", "w.webp"]
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
+    assert main(["batch", str(manifest), "-o", str(out), "--demo", "--quiet"]) == 0  # nothing to do
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == mtimes
+    assert main(["merge", str(out), "-o", str(tmp_path / "merged")]) == 0
+    for name in ("j.jpg", "w.webp"):
+        assert (tmp_path / "merged" / "images" / name).read_bytes() == (out / "images" / name).read_bytes()
+    assert main(["eval", str(out), "--demo", "--quiet", "--device", "cpu"]) == 0
+    assert json.loads((out / "eval" / "eval.json").read_text())["mean"]["lines"] == 2
