@@ -78,7 +78,8 @@ def register(sub: Any) -> None:
                    help="let manifest paths resolve outside the manifest's directory (refused by default, "
                    "symlinks included: a manifest names only files under its own directory)")
     p.add_argument("--batch", type=_positive, default=4, metavar="N",
-                   help="local mode: jobs with the same steps and sampler run together, N per batch [default: 4]")
+                   help="local mode: jobs with the same steps and sampler run together, N per batch (a line's "
+                   "num_outputs candidates always together) [default: 4]")
     p.add_argument("--concurrency", type=_positive, default=None, metavar="N",
                    help="remote mode: requests in flight at once [default: 2 per URL]")
     p.add_argument("--retries", type=int, default=8, metavar="N",
