@@ -19,6 +19,7 @@ from model.spec.files import LocalFiles
 from model.spec.params import OUTPUT_FORMATS
 
 BACKOFF_BASE_S = 0.5  # the client's backoff base; tests make it shorter
+NOT_SENT = "not sent: no server answers"  # the message of the lines left once every server is down
 
 
 def form_values(line: Line, files: LocalFiles | None = None) -> dict[str, Any]:
@@ -77,8 +78,20 @@ def run_remote(lines: Sequence[Line], report: Report, options: RemoteOptions) ->
     todo: queue.Queue[Line] = queue.Queue()
     done: queue.Queue[tuple[Line, Finished | None, Any]] = queue.Queue()
     stop = threading.Event()
+    down = threading.Event()  # a line gave up unreachable and then no server answered a health probe either
+    probe = threading.Lock()
     for line in lines:
         todo.put(line)
+
+    def gave_up(line: Line) -> None:
+        # One slow or unlucky line is not an outage: stop sending only when no server answers at all, so that a
+        # dead fleet fails the rest of a long manifest in seconds instead of a full retry budget per line.
+        with probe:
+            if not down.is_set() and not anydoor.alive():
+                down.set()
+                report.note(f"no server answers ({', '.join(anydoor.urls)}) after line {line.number} gave up: "
+                            f"the {todo.qsize()} lines not yet sent fail as unreachable without being sent; "
+                            "run the same command again to retry them")
 
     def worker() -> None:
         while not stop.is_set():
@@ -86,10 +99,15 @@ def run_remote(lines: Sequence[Line], report: Report, options: RemoteOptions) ->
                 line = todo.get_nowait()
             except queue.Empty:
                 return
+            if down.is_set():
+                done.put((line, None, (ErrorCode.UNREACHABLE.value, None, NOT_SENT)))
+                continue
             try:
                 result, error = send_line(line, anydoor, options.files)
             except Exception as exc:  # a bug in one line must not strand the others
                 result, error = None, (ErrorCode.INTERNAL_ERROR.value, None, f"{type(exc).__name__}: {exc}")
+            if error is not None and error[0] == ErrorCode.UNREACHABLE.value:
+                gave_up(line)
             done.put((line, result, error))
 
     # Daemon threads: on Ctrl-C the process exits without waiting for requests in flight (they are redone later).
@@ -104,7 +122,8 @@ def run_remote(lines: Sequence[Line], report: Report, options: RemoteOptions) ->
                 report.generated(line, result)
             else:
                 code, field_name, message = error
-                report.line_failed(line.number, line.id, code, field_name, message, line.params.seed)
+                report.line_failed(line.number, line.id, code, field_name, message, line.params.seed,
+                                   echo=message != NOT_SENT)
     finally:
         stop.set()
         anydoor.close()

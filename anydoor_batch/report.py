@@ -48,14 +48,24 @@ class Report:
             self._done()
 
     def line_failed(self, number: int, line_id: str, code: str, field_name: str | None, message: str,
-                    seed: int | None = None) -> None:
+                    seed: int | None = None, echo: bool = True) -> None:
+        """A failed line, recorded; ``echo=False`` for lines a :meth:`note` already accounted for."""
         self.outputs.failed(number, line_id, code, field_name, message, seed)
         with self.lock:
             self.failed += 1
-            where = f" {field_name}:" if field_name and not message.startswith(f"{field_name}:") else ""
-            clear = "\r\x1b[K" if self.bar.tty and self.bar.enabled else ""
-            self.bar.stream.write(f"{clear}line {number} (id {line_id}) failed:{where} {message} [{code}]\n")
+            if echo:
+                where = f" {field_name}:" if field_name and not message.startswith(f"{field_name}:") else ""
+                self._write(f"line {number} (id {line_id}) failed:{where} {message} [{code}]")
             self._done()
+
+    def note(self, message: str) -> None:
+        """One message about the run (stderr, above the progress bar)."""
+        with self.lock:
+            self._write(message)
+
+    def _write(self, text: str) -> None:
+        clear = "\r\x1b[K" if self.bar.tty and self.bar.enabled else ""
+        self.bar.stream.write(f"{clear}{text}\n")
 
     def input_error(self, line: Line | BadLine, exc: InputError, seed: int | None = None) -> None:
         self.line_failed(line.number, line.id, exc.code.value, exc.field, exc.message, seed)

@@ -219,6 +219,12 @@ class AnyDoorClient:
 
     # --- the other routes ----------------------------------------------------------------------------------------
 
+    def alive(self) -> bool:
+        """Whether any server answers at all (``/health/live``, whatever its status): False only when none can be
+        reached, the one case in which sending more requests is pointless."""
+        return any(request("GET", url, "/health/live", None, {}, min(self.timeout, 10.0)).status != 0
+                   for url in self.urls)
+
     def ready(self) -> bool:
         """Whether every server answers ``/health/ready`` with 200."""
         return all(request("GET", url, "/health/ready", None, {}, min(self.timeout, 10.0)).status == 200

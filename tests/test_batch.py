@@ -346,6 +346,35 @@ def test_remote_gives_up_on_a_dead_server(data: Path, monkeypatch: pytest.Monkey
     assert ErrorCode(error["code"]) in CLIENT_SIDE  # a member of the closed vocabulary, documented in the README
 
 
+def test_a_dead_fleet_fails_the_rest_of_the_manifest_without_sending_it(data: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(remote, "BACKOFF_BASE_S", 0.01)
+    manifest = write_manifest(data, [line(box=[[1, 2, 30, 40]], seed=seed) for seed in range(1, 6)])
+    out = data.parent / "out"
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    assert main(["batch", str(manifest), "-o", str(out), "--url", url, "--retries", "2", "--concurrency", "1",
+                 "--quiet"]) == 1
+    records = latest(out)
+    assert [records[str(n)]["error"]["code"] for n in range(1, 6)] == [ErrorCode.UNREACHABLE.value] * 5
+    assert "after 3 attempts" in records["1"]["error"]["message"]
+    assert all(records[str(n)]["error"]["message"] == remote.NOT_SENT for n in range(2, 6))
+    err = capsys.readouterr().err
+    assert err.count("no server answers") == 1 and "the 4 lines not yet sent" in err and "line 2 " not in err
+
+
+def test_one_line_that_gets_no_answer_does_not_stop_the_others(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(remote, "BACKOFF_BASE_S", 0.01)
+    manifest = write_manifest(data, [line(box=[[1, 2, 30, 40]], seed=seed) for seed in (1, 2, 3)])
+    out = data.parent / "out"
+    with FakeServer({"1": [0, 0, 0]}) as fake:  # line 1's connection closes unanswered, every time
+        assert main(["batch", str(manifest), "-o", str(out), "--url", fake.url, "--retries", "2",
+                     "--concurrency", "1", "--quiet"]) == 1
+    records = latest(out)
+    assert records["1"]["error"]["code"] == ErrorCode.UNREACHABLE.value
+    assert "after 3 attempts" in records["1"]["error"]["message"]
+    assert records["2"]["status"] == records["3"]["status"] == "ok"  # the server still answers: the rest is sent
+
+
 @pytest.fixture(scope="module")
 def servers() -> Iterator[list[ServerProcess]]:
     procs = [ServerProcess(SERVER_ENV), ServerProcess(SERVER_ENV)]

@@ -89,6 +89,13 @@ def test_giving_up_says_why() -> None:
     assert info.value.code is ErrorCode.UNREACHABLE and info.value.attempts == 3
 
 
+def test_alive_is_false_only_when_no_server_answers() -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    assert not AnyDoorClient(dead).alive()
+    with FakeServer({}) as fake:  # it answers GET /health/live with 501: an answer all the same
+        assert AnyDoorClient([dead, fake.url]).alive()
+
+
 def test_several_servers_share_the_load() -> None:
     from concurrent.futures import ThreadPoolExecutor
 

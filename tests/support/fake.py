@@ -18,7 +18,8 @@ from PIL import Image
 
 class FakeServer:
     """A real HTTP server on 127.0.0.1 that records each /predict form and answers by the request's seed: a plan
-    of statuses to answer first (429 with Retry-After: 1, 500, 422), then the documented JSON answer."""
+    of statuses to answer first (429 with Retry-After: 1, 500, 422, 502; 0 closes without answering), then the
+    documented JSON answer."""
 
     def __init__(self, plan: dict[str, list[int]]) -> None:
         self.plan = plan
@@ -48,7 +49,9 @@ class FakeServer:
                                           "texts": texts, "time": time.monotonic()})
                 statuses = fake.plan.get(seed, [])
                 status = statuses[earlier] if earlier < len(statuses) else 200
-                if status == 200:
+                if status == 0:  # the connection closed without an answer (a crash, a proxy's reset)
+                    self.close_connection = True
+                elif status == 200:
                     self.answer(200, fake.prediction(parts, texts))
                 elif status == 502:  # a proxy's page, not the service's JSON
                     page = b"<html>bad gateway</html>"
