@@ -17,12 +17,13 @@ Unlike upstream's predictor, the seed is honoured: the same inputs, parameters a
 
 import os
 import tempfile
+import time
 from typing import Any
 
 from cog import BaseRunner, Input, Path
 
 from model.pipeline.loader import load_pipeline
-from model.pipeline.result import timings_text
+from model.pipeline.result import OUTPUT_STAGE, timings_text
 from model.pipeline.run import AnyDoorPipeline
 from model.pipeline.warmup import warmup_request
 from model.spec.codecs import Wire, decode_request
@@ -117,15 +118,18 @@ class Predictor(BaseRunner):
         self.record_metric("regions", result.regions)
         if result.scores is not None:
             self.record_metric("scores", [r.scores.to_dict() if r.scores is not None else None for r in ranked])
-        for stage, seconds in result.timings.items():
-            self.record_metric(f"timing.{stage}", round(seconds, 4))
-        print(f"seed={result.seed} regions={result.regions} {timings_text(result.timings)}", flush=True)
-
         suffix = OUTPUT_FORMATS[params.output_format][1]
         paths = []
+        t_output = time.perf_counter()
         for candidate in ranked:
             fd, name = tempfile.mkstemp(suffix=suffix, prefix="anydoor-", dir=self.out_dir)
             with os.fdopen(fd, "wb") as f:
                 f.write(candidate.encode(params.output_format, params.output_quality))
             paths.append(Path(name))
+        timings = dict(result.timings)
+        timings[OUTPUT_STAGE] = time.perf_counter() - t_output
+        timings["total"] += timings[OUTPUT_STAGE]
+        for stage, seconds in timings.items():
+            self.record_metric(f"timing.{stage}", round(seconds, 4))
+        print(f"seed={result.seed} regions={result.regions} {timings_text(timings)}", flush=True)
         return paths

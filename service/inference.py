@@ -24,7 +24,7 @@ from starlette.types import Receive
 
 from model.errors import ErrorCode, InputError
 from model.pipeline import STAGES, GenerationInputs, GenerationParams, Job
-from model.pipeline.result import Scores, server_timing
+from model.pipeline.result import OUTPUT_STAGE, Scores, server_timing
 from model.spec.params import OUTPUT_FORMATS
 from service.errors import ServiceError, client_gone, overloaded, queue_timeout
 from service.metrics import Metrics
@@ -322,9 +322,9 @@ class InferenceService:
         assert job.started_at is not None
         timings = {"queue": job.started_at - job.enqueued_at}
         timings.update({stage: stages.get(stage, 0.0) for stage in STAGES})
-        timings["postprocess"] += time.perf_counter() - t_png
+        timings[OUTPUT_STAGE] = time.perf_counter() - t_png
         timings["total"] = time.perf_counter() - prepared.t0
-        for stage in STAGES:
+        for stage in (*STAGES, OUTPUT_STAGE):
             self.metrics.stage_duration.labels(stage).observe(timings[stage])
         self.metrics.inference_duration.observe(timings["total"])
         width, height = outcome.image.size

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
+from model.pipeline.result import OUTPUT_STAGE
 from model.pipeline.result import STAGES as RESULT_STAGES
 
 FAILURE_REASONS = (
@@ -16,7 +17,7 @@ FAILURE_REASONS = (
     "oom",  # GPU out of memory
     "internal",  # a bug: 500
 )
-STAGES = RESULT_STAGES  # one definition: model.pipeline.result
+STAGES = (*RESULT_STAGES, OUTPUT_STAGE)  # one definition: model.pipeline.result
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 _QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)

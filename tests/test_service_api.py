@@ -32,7 +32,7 @@ from tests.support.server import (
 
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-STAGES = ["queue", "preprocess", "encode", "sample", "decode", "postprocess", "score", "total"]
+STAGES = ["queue", "preprocess", "encode", "sample", "decode", "postprocess", "score", "output", "total"]
 
 
 @pytest.fixture(scope="module")
@@ -326,7 +326,7 @@ def test_metrics_count_requests_failures_and_stages(client: httpx.Client) -> Non
     assert metric(text, "anydoor_requests_failed_total", reason="validation") >= len(REJECTIONS)
     assert metric(text, "anydoor_requests_failed_total", reason="unauthorized") >= 2
     assert metric(text, "anydoor_requests_failed_total", reason="oom") == 0
-    for stage in ("preprocess", "encode", "sample", "decode", "postprocess"):
+    for stage in ("preprocess", "encode", "sample", "decode", "postprocess", "score", "output"):
         assert metric(text, "anydoor_inference_stage_seconds_count", stage=stage) >= 4, stage
     assert metric(text, "anydoor_inference_duration_seconds_count") >= 4
     assert metric(text, "anydoor_queue_wait_seconds_count") >= 4

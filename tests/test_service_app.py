@@ -342,3 +342,25 @@ def test_an_image_answer_encodes_the_best_candidate_alone(monkeypatch: pytest.Mo
         assert encoded == [12]
 
     run(scenario, pipe=CandidatePipeline())
+
+
+def test_the_answers_image_encoding_is_its_own_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The image encode (output_format) is timed as ``output``: postprocess keeps the pipeline's own time."""
+    real_encode = GenerationResult.encode
+
+    def slow_encode(self: GenerationResult, *args: Any, **kwargs: Any) -> bytes:
+        time.sleep(0.2)
+        return real_encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationResult, "encode", slow_encode)
+
+    async def scenario(client: httpx.AsyncClient, app: Any) -> None:
+        body = (await client.post("/predict", files=FILES, data=DATA, headers={"Accept": "application/json"})).json()
+        assert body["timings_ms"]["output"] >= 200 and body["timings_ms"]["postprocess"] == 5.0
+        image = await client.post("/predict", files=FILES, data={**DATA, "output_format": "jpeg"})
+        stages = dict(item.strip().split(";dur=") for item in image.headers["server-timing"].split(","))
+        assert float(stages["output"]) >= 200 and list(stages)[-2:] == ["output", "total"]
+        text = (await client.get("/metrics")).text
+        assert metric(text, "anydoor_inference_stage_seconds_count", stage="output") == 2
+
+    run(scenario)

@@ -200,7 +200,8 @@ def assert_result(driver: WebDriver) -> tuple[str, str]:
     link = by_id(driver, "download")
     assert link.get_attribute("href").startswith("blob:") and link.get_attribute("download").endswith(".png")
     timings = [th.text for th in driver.find_elements(By.CSS_SELECTOR, "#timings th")]
-    assert timings == ["queue", "preprocess", "encode", "sample", "decode", "postprocess", "score", "total"]
+    assert timings == ["queue", "preprocess", "encode", "sample", "decode", "postprocess", "score", "output",
+                       "total"]
     # The downloadable PNG is the image the server made: decode it from the page.
     png_b64: str = driver.execute_async_script("""
         const done = arguments[arguments.length - 1];

@@ -8,10 +8,12 @@ from dataclasses import dataclass, field, replace
 
 from PIL import Image, PngImagePlugin
 
-# The pipeline's stages, in order; a served request adds its queue wait before them and the total after.
+# The pipeline's stages, in order; a served request adds its queue wait before them, then "output" (encoding the
+# answer's image in its output_format, timed by the surface that encodes it: the service, Cog) and the total.
 # "score" is the identity and background measurement of :mod:`model.pipeline.scores`.
 STAGES = ("preprocess", "encode", "sample", "decode", "postprocess", "score")
-TIMING_NAMES = ("queue", *STAGES, "total")
+OUTPUT_STAGE = "output"
+TIMING_NAMES = ("queue", *STAGES, OUTPUT_STAGE, "total")
 DEMO_LABEL = "DEMO (tiny random weights, not the AnyDoor model)"
 # zlib level of the PNG answers, chosen by benchmarks/host_time.py (benchmarks/results/cpu-host_time.txt): at
 # 3840x2160 level 1 encodes in 0.59 s against 4.0 s for Pillow's default 6, 1.6 times faster than level 3, for a

@@ -34,8 +34,9 @@ class Timings(BaseModel):
     encode: float = Field(description="DINOv2 ID tokens and the ControlNet hint encoding.")
     sample: float = Field(description="Denoising (the sampler's steps).")
     decode: float = Field(description="VAE decoding.")
-    postprocess: float = Field(description="Pasting back into the background, PNG encoding.")
+    postprocess: float = Field(description="Pasting back into the background (feather, harmonize).")
     score: float = Field(description="The identity and background scores (one DINOv2 pass over the regions).")
+    output: float = Field(description="Encoding the answer's image(s) in `output_format` (PNG, JPEG or WebP).")
     total: float = Field(description="From the end of the upload to the response.")
 
 

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import anyio
 
 from model.errors import ErrorCode, InputError
-from model.pipeline.result import STAGES, timings_text
+from model.pipeline.result import TIMING_NAMES, timings_text
 from model.spec.fields import INT64_MAX
 from service.errors import ServiceError, overloaded
 from service.inference import (
@@ -395,7 +395,7 @@ class PredictionService:
     async def _succeed(self, live: _Live, result: Prediction) -> None:
         if live.record.terminal:
             return
-        timings = {stage: round(result.timings[stage], 4) for stage in ("queue", *STAGES, "total")}
+        timings = {stage: round(result.timings[stage], 4) for stage in TIMING_NAMES}
         started = live.record.started_at or time.time()
         # As the Cog predictor: a list of files, the candidates best first (one for a single output).
         ranked = result.candidates or (Candidate(result.data, result.seed, result.scores),)
@@ -403,7 +403,7 @@ class PredictionService:
                                    "seeds": [c.seed for c in ranked], "regions": result.regions, "timing": timings}
         if result.scores is not None:
             metrics["scores"] = [c.scores.to_dict() if c.scores is not None else None for c in ranked]
-        stage_text = timings_text({stage: result.timings[stage] for stage in (*STAGES, "total")})
+        stage_text = timings_text({stage: result.timings[stage] for stage in TIMING_NAMES if stage != "queue"})
         logs = live.record.logs + f"seed={result.seed} regions={result.regions} {stage_text}\n"
         output = [f"data:{result.media_type};base64," + base64.b64encode(c.data).decode("ascii") for c in ranked]
         live.record = live.record.with_(logs=logs, output=output, metrics=metrics)
