@@ -27,17 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.host_time import CASE_A, scene  # noqa: E402
+from tests.support.server import ServerProcess, server_timing, tiny_model_env  # noqa: E402
 
 FORMATS = ("png", "jpeg", "webp")
-
-
-def server_timing(header: str) -> dict[str, float]:
-    """``Server-Timing`` as {stage: milliseconds}."""
-    stages = {}
-    for item in header.split(","):
-        name, _, dur = item.strip().partition(";dur=")
-        stages[name] = float(dur)
-    return stages
 
 
 def measure(url: str, size: tuple[int, int], repeats: int) -> dict[str, Any]:
@@ -82,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         report = measure(args.url, size, args.repeats)
     else:
-        from tests.support.server import ServerProcess, tiny_model_env
-
         with ServerProcess({**tiny_model_env(), "ANYDOOR_WARMUP_STEPS": "1"}) as server:
             server.start()
             report = measure(server.url, size, args.repeats)

@@ -27,6 +27,7 @@ from model.pipeline import STAGES, GenerationInputs, GenerationParams, Job
 from model.pipeline.result import OUTPUT_STAGE, Scores, server_timing
 from model.spec.params import OUTPUT_FORMATS
 from service.errors import ServiceError, client_gone, overloaded, queue_timeout
+from service.metrics import STAGES as METRIC_STAGES
 from service.metrics import Metrics
 from service.settings import Settings
 from service.uploads import BodyReader, UploadSlots
@@ -324,7 +325,7 @@ class InferenceService:
         timings.update({stage: stages.get(stage, 0.0) for stage in STAGES})
         timings[OUTPUT_STAGE] = time.perf_counter() - t_png
         timings["total"] = time.perf_counter() - prepared.t0
-        for stage in (*STAGES, OUTPUT_STAGE):
+        for stage in METRIC_STAGES:
             self.metrics.stage_duration.labels(stage).observe(timings[stage])
         self.metrics.inference_duration.observe(timings["total"])
         width, height = outcome.image.size
